@@ -1,0 +1,1 @@
+"""Everything that trains: data, model, training loop, metrics, the objectives."""

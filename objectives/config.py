@@ -1,0 +1,51 @@
+"""The configuration of one training run (a trial or the baseline), frozen and typed.
+
+Field names equal the Optuna parameter names, so a trial's params map onto a config with
+``dataclasses.replace(cfg, **trial.params)``. Defaults mirror the reference runs (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+LORA_TARGETS = {
+    # peft matches by module-name suffix: "dense" also hits the FFN and pooler dense layers.
+    "attention": "query,key,value",
+    "attention_dense": "query,key,value,dense",
+    "all_linear": "all-linear",
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mode: str = "lora"  # "lora" (peft adapters + trained classifier) or "full" fine-tuning
+    epochs: int = 6
+    learning_rate: float = 5e-4
+    lr_scheduler: str = "linear"  # any transformers scheduler name; warmup applies where it can
+    batch_size: int = 64
+    weight_decay: float = 0.1
+    warmup_ratio: float = 0.06  # share of all optimizer steps spent warming up
+    max_grad_norm: float = 1.0
+    seed: int = 42  # the trial's training seed (init of adapters/head, dropout, batch order)
+    mixed_precision: bool = True  # bf16/fp16 autocast where the device supports it
+    # LoRA only
+    lora_r: int = 16
+    lora_alpha_ratio: float = 2.0  # alpha = ratio x rank; the reference used alpha = 2r
+    lora_dropout: float = 0.05
+    target_modules: str = "attention_dense"  # a key of LORA_TARGETS
+    lora_bias: str = "lora_only"  # peft `bias`: biases of adapted layers are trained too
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.lora_alpha_ratio * self.lora_r
+
+
+LORA_DEFAULTS = TrainConfig()
+# The fixed full fine-tuning baseline of the reference runs.
+FULL_FT_DEFAULTS = replace(
+    TrainConfig(), mode="full", learning_rate=1e-4, batch_size=32, weight_decay=0.05
+)
+# What the baseline trial records as its (single-valued) parameters.
+BASELINE_PARAMS = ("learning_rate", "lr_scheduler", "batch_size", "weight_decay")

@@ -1,0 +1,127 @@
+"""The Optuna objectives: the LoRA study's and the fixed full fine-tuning baseline's.
+
+Both follow suggest -> config -> `train(cfg, on_epoch_end=...)` -> value, and record the same
+user attributes (DESIGN.md), so the two studies sit side by side in reports and the dashboard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import optuna
+import torch
+from torch import nn
+
+from objectives.config import BASELINE_PARAMS, FULL_FT_DEFAULTS, TrainConfig
+from objectives.model import build_model, count_params
+from objectives.space import Space
+from objectives.train import EpochResult, PreparedData, TrainingFailed, release_memory, train
+
+# A trial that fails for these reasons ends as FAIL and the study goes on; any other exception
+# is a bug and stops the study.
+TRIAL_FAILURES = (TrainingFailed,)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every trial of a process shares: built once in `main()`, passed in."""
+
+    base_model: nn.Module  # pretrained weights on the CPU, copied per trial
+    data: PreparedData
+    model_name: str
+    data_fingerprint: str
+    label_names: tuple[str, ...]
+    progress: bool = False
+
+
+def run_trial(trial: optuna.Trial, cfg: TrainConfig, ctx: RunContext, prune: bool) -> float:
+    """Train one configuration inside a trial; return the best validation macro-F1."""
+    model = build_model(ctx.base_model, cfg)
+    try:
+        counts = count_params(model)
+        vocab = model.get_input_embeddings().num_embeddings
+        for key, value in {
+            "mode": cfg.mode,
+            "trainable_params": counts.trainable,
+            "total_params": counts.total,
+            "trainable_share_pct": counts.share_pct,
+            "model": ctx.model_name,
+            "device": str(ctx.data.device),
+            "seed": cfg.seed,
+            "data_fingerprint": ctx.data_fingerprint,
+            "max_epochs": cfg.epochs,
+        }.items():
+            trial.set_user_attr(key, value)
+        if ctx.data.max_token_id >= vocab:
+            raise TrainingFailed(
+                f"tokenizer/model mismatch: token id {ctx.data.max_token_id} but the model's "
+                f"embedding table has {vocab} rows"
+            )
+
+        best: list[EpochResult] = []
+
+        def on_epoch_end(r: EpochResult) -> None:
+            if not best or r.val_f1 > best[0].val_f1:
+                best[:] = [r]
+            trial.report(r.val_f1, r.epoch)
+            trial.set_user_attr("epochs_run", r.epoch)
+            trial.set_user_attr("train_time_s", r.train_time_s)
+            trial.set_user_attr("best_epoch", best[0].epoch)
+            trial.set_user_attr("val_f1", best[0].val_f1)
+            trial.set_user_attr("val_accuracy", best[0].val_accuracy)
+            if prune and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {r.epoch} (val F1 {r.val_f1:.4f})")
+
+        try:
+            result = train(model, cfg, ctx.data, on_epoch_end, progress=ctx.progress)
+        except torch.OutOfMemoryError as e:
+            raise TrainingFailed(f"out of memory on {ctx.data.device}: {str(e)[:200]}") from e
+        for key, value in {
+            "test_f1": result.test_f1,
+            "test_accuracy": result.test_accuracy,
+            "peak_mem_mb": round(result.peak_mem_mb, 1),
+            "labels": list(ctx.label_names),
+            "test_confusion": result.test_confusion.tolist(),
+        }.items():
+            trial.set_user_attr(key, value)
+        return result.val_f1
+    except TrainingFailed as e:
+        trial.set_user_attr("fail_reason", str(e))
+        raise
+    finally:
+        del model
+        release_memory(ctx.data.device)
+
+
+@dataclass(frozen=True)
+class LoraObjective:
+    space: Space
+    base_cfg: TrainConfig  # epochs, seed, precision; sampled fields are replaced per trial
+    ctx: RunContext
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        cfg = replace(self.base_cfg, mode="lora", **self.space.suggest(trial))
+        return run_trial(trial, cfg, self.ctx, prune=True)
+
+
+def baseline_config(epochs: int, seed: int, mixed_precision: bool) -> TrainConfig:
+    return replace(FULL_FT_DEFAULTS, epochs=epochs, seed=seed, mixed_precision=mixed_precision)
+
+
+@dataclass(frozen=True)
+class BaselineObjective:
+    """The fixed full fine-tuning run; its settings are recorded as single-valued params."""
+
+    cfg: TrainConfig
+    ctx: RunContext
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        for name in BASELINE_PARAMS:
+            value = getattr(self.cfg, name)
+            if isinstance(value, str):
+                trial.suggest_categorical(name, [value])
+            elif isinstance(value, int):
+                trial.suggest_int(name, value, value)
+            else:
+                trial.suggest_float(name, value, value)
+        return run_trial(trial, self.cfg, self.ctx, prune=False)

@@ -1,0 +1,390 @@
+"""The training loop: AdamW, a transformers LR schedule, autocast, clipping, per-epoch validation.
+
+It knows nothing of Optuna: the caller passes `on_epoch_end`, which may raise to stop the run
+(a pruner does). Batches come from length buckets prepared once per process (`prepare`), so a
+step pads to a multiple of 8 tokens instead of the longest text in a random batch, and the data
+lives on the device from the start: no per-step host-to-device copies and no per-step host sync.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from objectives.config import TrainConfig
+from objectives.data import Encoded, EncodedData
+from objectives.metrics import accuracy, confusion_matrix, macro_f1
+
+PAD_MULTIPLE = 8
+EVAL_BATCH = 256
+NAN_CHECK_EVERY = 32  # steps between finiteness checks: each one is a host sync on a GPU
+
+
+class TrainingFailed(RuntimeError):
+    """A run that cannot go on (the trial fails; the study goes on)."""
+
+
+class NonFiniteLossError(TrainingFailed):
+    pass
+
+
+class DeviceError(ValueError):
+    """The device asked for does not exist here: the message is meant for the user."""
+
+
+# ----------------------------------------------------------------------------- device choice
+
+
+def resolve_device(requested: str, cuda_available: bool, mps_available: bool) -> str:
+    """`auto` picks cuda, then mps, then cpu; an explicit device must exist."""
+    if requested == "auto":
+        return "cuda" if cuda_available else "mps" if mps_available else "cpu"
+    if requested == "cuda" and not cuda_available:
+        raise DeviceError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+    if requested == "mps" and not mps_available:
+        raise DeviceError("--device mps was asked for, but PyTorch sees no Apple GPU (MPS)")
+    if requested not in ("cuda", "mps", "cpu"):
+        raise DeviceError(f"unknown device {requested!r}; use auto, cpu, cuda or mps")
+    return requested
+
+
+def detect_device(requested: str) -> torch.device:
+    mps = getattr(torch.backends, "mps", None)
+    return torch.device(
+        resolve_device(requested, torch.cuda.is_available(), bool(mps and mps.is_available()))
+    )
+
+
+def autocast_dtype(device_type: str, mixed_precision: bool, bf16_supported: bool) -> torch.dtype:
+    """The compute dtype: bf16 on GPUs that have it, fp16 on older CUDA GPUs, else fp32.
+
+    CPUs stay in fp32: bf16 autocast on CPUs without matrix units is slower, not faster.
+    """
+    if not mixed_precision or device_type == "cpu":
+        return torch.float32
+    if device_type == "cuda":
+        return torch.bfloat16 if bf16_supported else torch.float16
+    return torch.bfloat16 if bf16_supported else torch.float32  # mps
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "mps":
+        return True  # autocast on MPS supports bf16 since PyTorch 2.5 (macOS 14+)
+    return False
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this run on the device (process peak RSS on the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def release_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass(frozen=True)
+class Bucket:
+    input_ids: torch.Tensor  # [n, length], padded
+    attention_mask: torch.Tensor  # [n, length]
+    labels: torch.Tensor  # [n]
+    index: torch.Tensor  # [n] positions in the split, to put predictions back in order
+
+
+@dataclass(frozen=True)
+class PreparedSplit:
+    buckets: list[Bucket]
+    size: int
+    labels: np.ndarray  # in split order, for metrics
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    train: PreparedSplit
+    val: PreparedSplit
+    test: PreparedSplit
+    device: torch.device
+    num_labels: int
+    max_token_id: int  # to refuse a tokenizer whose ids the model's embeddings cannot hold
+
+
+def bucket_length(n: int, multiple: int = PAD_MULTIPLE) -> int:
+    return multiple * math.ceil(n / multiple)
+
+
+def prepare_split(split: Encoded, pad_id: int, device: torch.device) -> PreparedSplit:
+    """Group examples by length rounded up to a multiple of 8; pad each group once."""
+    lengths = [len(x) for x in split.input_ids]
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(bucket_length(n), []).append(i)
+    buckets = []
+    for length in sorted(groups):
+        idx = groups[length]
+        ids = torch.full((len(idx), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), length), dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = lengths[i]
+            ids[row, :n] = split.input_ids[i]
+            mask[row, :n] = 1
+        buckets.append(
+            Bucket(
+                ids.to(device),
+                mask.to(device),
+                split.labels[idx].to(device),
+                torch.tensor(idx, dtype=torch.long),
+            )
+        )
+    return PreparedSplit(buckets, len(split), split.labels.numpy())
+
+
+def prepare(data: EncodedData, num_labels: int, device: torch.device) -> PreparedData:
+    """Tensors for all three splits on the device, once per process."""
+    splits = (data.train, data.val, data.test)
+    return PreparedData(
+        *(prepare_split(s, data.pad_token_id, device) for s in splits),
+        device=device,
+        num_labels=num_labels,
+        max_token_id=max(int(x.max()) for s in splits for x in s.input_ids if len(x)),
+    )
+
+
+def epoch_batches(
+    split: PreparedSplit, batch_size: int, gen: torch.Generator
+) -> list[tuple[int, torch.Tensor]]:
+    """(bucket, row indices) for one epoch: shuffled within buckets, then batch order shuffled."""
+    batches = []
+    for b, bucket in enumerate(split.buckets):
+        perm = torch.randperm(len(bucket.labels), generator=gen)
+        batches += [(b, chunk) for chunk in perm.split(batch_size)]
+    order = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in order]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    f1: float
+    accuracy: float
+    predictions: np.ndarray
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: PreparedSplit, dtype: torch.dtype) -> np.ndarray:
+    model.eval()
+    device = split.buckets[0].input_ids.device if split.buckets else torch.device("cpu")
+    chunks, positions = [], []
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for bucket in split.buckets:
+            for start in range(0, len(bucket.labels), EVAL_BATCH):
+                sl = slice(start, start + EVAL_BATCH)
+                logits = model(
+                    input_ids=bucket.input_ids[sl], attention_mask=bucket.attention_mask[sl]
+                ).logits
+                chunks.append(logits.argmax(-1))
+                positions.append(bucket.index[sl])
+    preds = np.empty(split.size, dtype=np.int64)
+    if chunks:  # one device-to-host copy for the whole split
+        preds[torch.cat(positions).numpy()] = torch.cat(chunks).cpu().numpy()
+    return preds
+
+
+def evaluate(
+    model: nn.Module, split: PreparedSplit, num_labels: int, dtype: torch.dtype
+) -> Evaluation:
+    preds = predict(model, split, dtype)
+    return Evaluation(
+        macro_f1(split.labels, preds, num_labels), accuracy(split.labels, preds), preds
+    )
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int  # 1-based
+    val_f1: float
+    val_accuracy: float
+    train_loss: float
+    train_time_s: float  # cumulative training time so far, evaluation excluded
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochResult]
+    best_epoch: int
+    val_f1: float
+    val_accuracy: float
+    test_f1: float
+    test_accuracy: float
+    test_confusion: np.ndarray
+    train_time_s: float
+    peak_mem_mb: float
+    device: str
+    best_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases and LayerNorm weights (as the HF Trainer does)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=True)
+    except (RuntimeError, TypeError):  # no fused kernel for this device or build
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, foreach=device.type != "cpu")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def train(
+    model: nn.Module,
+    cfg: TrainConfig,
+    data: PreparedData,
+    on_epoch_end: Callable[[EpochResult], None] | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train for `cfg.epochs`; evaluate the best epoch's weights on the test split.
+
+    `on_epoch_end` may raise to stop early; whatever it raises propagates unchanged.
+    Raises `NonFiniteLossError` when the loss becomes NaN or infinite.
+    """
+    device = data.device
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dtype = autocast_dtype(device.type, cfg.mixed_precision, _bf16_supported(device))
+    use_amp = dtype != torch.float32
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.to(device)
+
+    steps_per_epoch = sum(math.ceil(len(b.labels) / cfg.batch_size) for b in data.train.buckets)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    history: list[EpochResult] = []
+    best: EpochResult | None = None
+    best_state: dict[str, torch.Tensor] = {}
+    train_time = 0.0
+    bar = _progress(cfg.epochs, progress)
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        _sync(device)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for step, (b, rows) in enumerate(epoch_batches(data.train, cfg.batch_size, gen), 1):
+            bucket = data.train.buckets[b]
+            rows = rows.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
+                logits = model(
+                    input_ids=bucket.input_ids[rows], attention_mask=bucket.attention_mask[rows]
+                ).logits
+            loss = F.cross_entropy(logits.float(), bucket.labels[rows])
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            if step % NAN_CHECK_EVERY == 0:
+                _check_finite(loss_sum, epoch, step)
+        _check_finite(loss_sum, epoch, steps_per_epoch)
+        _sync(device)
+        train_time += time.perf_counter() - t0
+
+        ev = evaluate(model, data.val, data.num_labels, dtype)
+        result = EpochResult(
+            epoch, ev.f1, ev.accuracy, loss_sum.item() / steps_per_epoch, train_time
+        )
+        history.append(result)
+        if best is None or result.val_f1 > best.val_f1:
+            best = result
+            best_state = {
+                n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+            }
+        bar.update(1)
+        bar.set_postfix(val_f1=f"{result.val_f1:.4f}", loss=f"{result.train_loss:.3f}")
+        if on_epoch_end is not None:
+            on_epoch_end(result)
+    bar.close()
+
+    assert best is not None  # epochs >= 1 is validated by the caller's config
+    model.load_state_dict(best_state, strict=False)
+    test_preds = predict(model, data.test, dtype)
+    return TrainResult(
+        history=history,
+        best_epoch=best.epoch,
+        val_f1=best.val_f1,
+        val_accuracy=best.val_accuracy,
+        test_f1=macro_f1(data.test.labels, test_preds, data.num_labels),
+        test_accuracy=accuracy(data.test.labels, test_preds),
+        test_confusion=confusion_matrix(data.test.labels, test_preds, data.num_labels),
+        train_time_s=train_time,
+        peak_mem_mb=peak_memory_mb(device),
+        device=str(device),
+        best_state=best_state,
+    )
+
+
+def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss_sum):
+        raise NonFiniteLossError(
+            f"training loss became {loss_sum.item()} by epoch {epoch}, step {step}"
+        )
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="epochs", unit="epoch", leave=False, disable=not enabled)

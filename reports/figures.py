@@ -1,0 +1,397 @@
+"""Interactive plotly figures for index.html (and for optuna-dashboard, via `pareto_figure`).
+
+Every builder is a pure function of trial records or computed tables and returns a
+`plotly.graph_objects.Figure`; nothing is written here. Colours are shared with the PNG versions
+in `reports.png` so both outputs read the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import plotly.graph_objects as go
+from optuna.trial import FrozenTrial
+
+from reports.importance import ImportanceResult
+from reports.perclass import ClassF1, Confusion, row_normalised
+from reports.records import TrialRecord, to_records
+from reports.tables import (
+    CostKey,
+    best_record,
+    best_so_far,
+    check_cost,
+    cost_of,
+    pareto_candidates,
+    pareto_front,
+)
+
+COLORS = {
+    "trial": "#6baed6",  # COMPLETE LoRA trials
+    "front": "#d62728",
+    "pruned": "#9e9e9e",
+    "other": "#ff9f1c",  # running or failed
+    "baseline": "#2ca02c",
+    "lora_best": "#1f4e99",
+}
+COST_TITLES = {
+    "trainable_params": "Trainable parameters (log scale)",
+    "train_time_s": "Training time (s)",
+}
+F1_TITLE = "Validation macro-F1"
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def hover_text(record: TrialRecord) -> str:
+    """Multi-line hover label: trial, metrics, costs and every parameter."""
+    lines = [f"<b>{record.label}</b> ({record.state.lower()})"]
+    for name, value in (
+        ("val F1", record.val_f1),
+        ("test F1", record.test_f1),
+        ("trainable params", record.trainable_params),
+        ("train time s", record.train_time_s),
+        ("epochs run", record.epochs_run),
+    ):
+        if value is not None:
+            lines.append(f"{name}: {_fmt(value)}")
+    lines.extend(f"{name}: {_fmt(value)}" for name, value in record.params.items())
+    return "<br>".join(lines)
+
+
+def _points(records: Sequence[TrialRecord], cost: CostKey, **trace: object) -> go.Scatter:
+    return go.Scatter(
+        x=[cost_of(r, cost) for r in records],
+        y=[r.val_f1 for r in records],
+        text=[hover_text(r) for r in records],
+        hovertemplate="%{text}<extra></extra>",
+        **trace,
+    )
+
+
+def _baseline_line(fig: go.Figure, baseline: TrialRecord | None) -> None:
+    if baseline is None or baseline.val_f1 is None:
+        return
+    fig.add_hline(
+        y=baseline.val_f1,
+        line={"color": COLORS["baseline"], "dash": "dash", "width": 1.5},
+        annotation_text=f"full FT baseline F1 {baseline.val_f1:.4f}",
+        annotation_position="top left",
+    )
+
+
+def _empty(fig: go.Figure, message: str) -> go.Figure:
+    fig.add_annotation(text=message, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+    return fig
+
+
+def pareto_figure_from_records(records: Sequence[TrialRecord], cost: CostKey) -> go.Figure:
+    """F1 against `cost` for every trial with both values, the front highlighted as a staircase,
+    the baseline as a star with a horizontal line at its F1."""
+    cost = check_cost(cost)
+    front = pareto_front(records, cost)
+    on_front = {(r.study, r.number) for r in front}
+    candidates = pareto_candidates(records, cost)
+    lora = [r for r in candidates if not r.baseline and (r.study, r.number) not in on_front]
+    base = [r for r in candidates if r.baseline]
+    pruned = [
+        r
+        for r in records
+        if not r.baseline
+        and r.state == "PRUNED"
+        and r.val_f1 is not None
+        and cost_of(r, cost) is not None
+    ]
+    title = "Pareto front: validation F1 against " + (
+        "trainable parameters" if cost == "trainable_params" else "training time"
+    )
+    fig = go.Figure(layout={"title": title, "template": "plotly_white", "height": 520})
+    if cost == "trainable_params":
+        # Parameter counts span LoRA (~1e5) to full fine-tuning (~1e8); "D2" keeps the minor
+        # labels of a log axis to 2 and 5.
+        fig.update_xaxes(title=COST_TITLES[cost], type="log", dtick="D2")
+    else:
+        fig.update_xaxes(title=COST_TITLES[cost])
+    fig.update_yaxes(title=F1_TITLE)
+    if not candidates and not pruned:
+        return _empty(fig, f"No COMPLETE trial with a validation F1 and {cost} yet.")
+    if pruned:
+        fig.add_trace(
+            _points(
+                pruned,
+                cost,
+                mode="markers",
+                name="pruned (best F1 before stopping)",
+                marker={"symbol": "x", "color": COLORS["pruned"], "size": 7, "opacity": 0.7},
+            )
+        )
+    if lora:
+        fig.add_trace(
+            _points(
+                lora,
+                cost,
+                mode="markers",
+                name="LoRA trials",
+                marker={"color": COLORS["trial"], "size": 9, "opacity": 0.85},
+            )
+        )
+    if front:
+        fig.add_trace(
+            _points(
+                front,
+                cost,
+                mode="lines+markers",
+                name="Pareto front",
+                line={"color": COLORS["front"], "shape": "hv", "width": 2},
+                marker={
+                    "color": COLORS["front"],
+                    "size": 11,
+                    "symbol": "diamond",
+                    "line": {"color": "white", "width": 1},
+                },
+            )
+        )
+    if base:
+        fig.add_trace(
+            _points(
+                base,
+                cost,
+                mode="markers",
+                name="full fine-tuning baseline",
+                marker={
+                    "color": COLORS["baseline"],
+                    "size": 18,
+                    "symbol": "star",
+                    "line": {"color": "black", "width": 1},
+                },
+            )
+        )
+    _baseline_line(fig, best_record(records, baseline=True))
+    return fig
+
+
+def pareto_figure(
+    study_trials: Sequence[FrozenTrial],
+    baseline_trials: Sequence[FrozenTrial],
+    x: CostKey = "trainable_params",
+    *,
+    study_name: str = "lora",
+    baseline_name: str = "full-ft",
+) -> go.Figure:
+    """Pareto figure (F1 against `x`) straight from FrozenTrials, e.g. to store in
+    optuna-dashboard. Always returns a figure; with no data it carries a note."""
+    records = to_records(study_trials, study_name) + to_records(
+        baseline_trials, baseline_name, baseline=True
+    )
+    return pareto_figure_from_records(records, x)
+
+
+def importance_figure(result: ImportanceResult) -> go.Figure:
+    """Horizontal grouped bars, one colour per evaluator, parameters in the first one's order."""
+    order: list[str] = []
+    for row in result.rows:
+        if row.param not in order:
+            order.append(row.param)
+    fig = go.Figure(
+        layout={
+            "title": f"Parameter importance for validation F1 ({result.n_trials} COMPLETE trials)",
+            "template": "plotly_white",
+            "barmode": "group",
+            "height": max(320, 90 + 60 * len(order)),
+        }
+    )
+    evaluators = list(dict.fromkeys(row.evaluator for row in result.rows))
+    for evaluator in evaluators:
+        scores = {r.param: r.importance for r in result.rows if r.evaluator == evaluator}
+        fig.add_trace(
+            go.Bar(
+                y=order,
+                x=[scores.get(p, 0.0) for p in order],
+                orientation="h",
+                name=evaluator,
+                hovertemplate="%{y}: %{x:.3f}<extra>" + evaluator + "</extra>",
+            )
+        )
+    fig.update_xaxes(title="Share of importance (normalised per evaluator)")
+    fig.update_yaxes(autorange="reversed")
+    if not result.rows:
+        return _empty(fig, "Importance not computed (see notes).")
+    return fig
+
+
+def history_figure(records: Sequence[TrialRecord]) -> go.Figure:
+    """Validation F1 per trial number, the running best, pruned trials and the baseline line."""
+    fig = go.Figure(
+        layout={"title": "Optimisation history", "template": "plotly_white", "height": 460}
+    )
+    fig.update_xaxes(title="Trial number")
+    fig.update_yaxes(title=F1_TITLE)
+    lora = [r for r in records if not r.baseline and r.val_f1 is not None]
+    complete = [r for r in lora if r.complete]
+    unfinished = [r for r in lora if not r.complete]
+    for group, name, marker in (
+        (
+            unfinished,
+            "pruned / unfinished (best F1 reached)",
+            {"symbol": "x", "color": COLORS["pruned"], "size": 7},
+        ),
+        (complete, "COMPLETE trials", {"color": COLORS["trial"], "size": 9}),
+    ):
+        if group:
+            fig.add_trace(
+                go.Scatter(
+                    x=[r.number for r in group],
+                    y=[r.val_f1 for r in group],
+                    mode="markers",
+                    name=name,
+                    marker=marker,
+                    text=[hover_text(r) for r in group],
+                    hovertemplate="%{text}<extra></extra>",
+                )
+            )
+    running = best_so_far(records)
+    if running:
+        fig.add_trace(
+            go.Scatter(
+                x=[n for n, _ in running],
+                y=[v for _, v in running],
+                mode="lines",
+                name="best so far",
+                line={"color": COLORS["front"], "shape": "hv"},
+            )
+        )
+    _baseline_line(fig, best_record(records, baseline=True))
+    if not lora:
+        return _empty(fig, "No trial has reported a validation F1 yet.")
+    return fig
+
+
+def intermediate_figure(records: Sequence[TrialRecord]) -> go.Figure:
+    """Validation F1 after each epoch, one line per trial; pruned trials stop where pruned."""
+    fig = go.Figure(
+        layout={
+            "title": "Validation F1 per epoch (intermediate values)",
+            "template": "plotly_white",
+            "height": 500,
+        }
+    )
+    fig.update_xaxes(title="Epoch", dtick=1)
+    fig.update_yaxes(title=F1_TITLE)
+    styles = {
+        "COMPLETE": ("COMPLETE", {"color": COLORS["trial"], "width": 1.5}),
+        "PRUNED": ("PRUNED", {"color": COLORS["pruned"], "width": 1.2, "dash": "dot"}),
+    }
+    shown: set[str] = set()
+    drawn = 0
+    for r in records:
+        if not r.intermediate:
+            continue
+        if r.baseline:
+            group, line = "full FT baseline", {"color": COLORS["baseline"], "width": 3}
+        else:
+            group, line = styles.get(
+                r.state, (r.state, {"color": COLORS["other"], "width": 1.2, "dash": "dash"})
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=list(r.intermediate),
+                y=list(r.intermediate.values()),
+                mode="lines+markers",
+                marker={"size": 4},
+                line=line,
+                name=group,
+                legendgroup=group,
+                showlegend=group not in shown,
+                hovertemplate=f"{r.label} ({r.state.lower()})<br>epoch %{{x}}: F1 %{{y:.4f}}"
+                "<extra></extra>",
+            )
+        )
+        shown.add(group)
+        drawn += 1
+    if not drawn:
+        return _empty(fig, "No trial has reported an intermediate value yet.")
+    return fig
+
+
+def per_class_figure(
+    rows: Sequence[ClassF1], lora: TrialRecord, baseline: TrialRecord
+) -> go.Figure:
+    """Dumbbell chart of test F1 per class, LoRA's largest deficit against the baseline on top."""
+    labels = [r.label for r in rows]
+    fig = go.Figure(
+        layout={
+            "title": f"Per-class test F1: best LoRA ({lora.label}) vs baseline ({baseline.label}),"
+            " sorted by difference",
+            "template": "plotly_white",
+            "height": max(400, 150 + 16 * len(rows)),
+            "hovermode": "y unified",
+        }
+    )
+    segments_x: list[float | None] = []
+    segments_y: list[str | None] = []
+    for r in rows:
+        segments_x += [r.baseline_f1, r.lora_f1, None]
+        segments_y += [r.label, r.label, None]
+    fig.add_trace(
+        go.Scatter(
+            x=segments_x,
+            y=segments_y,
+            mode="lines",
+            line={"color": "#cccccc", "width": 2},
+            showlegend=False,
+            hoverinfo="skip",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[r.baseline_f1 for r in rows],
+            y=labels,
+            mode="markers",
+            name="full FT baseline",
+            marker={"color": COLORS["baseline"], "size": 8},
+            hovertemplate="baseline %{x:.3f}<extra></extra>",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[r.lora_f1 for r in rows],
+            y=labels,
+            mode="markers",
+            name="best LoRA",
+            marker={"color": COLORS["lora_best"], "size": 8},
+            customdata=[r.difference for r in rows],
+            hovertemplate="LoRA %{x:.3f} (diff %{customdata:+.3f})<extra></extra>",
+        )
+    )
+    fig.update_xaxes(title="Test F1 of the class", range=[-0.02, 1.02])
+    fig.update_yaxes(autorange="reversed", tickfont={"size": 9}, dtick=1)
+    return fig
+
+
+def confusion_figure(confusion: Confusion, title: str) -> go.Figure:
+    """Heatmap of the row-normalised test confusion matrix (counts in the hover)."""
+    n = len(confusion.labels)
+    size = max(450, min(1100, 200 + 11 * n))
+    fig = go.Figure(
+        go.Heatmap(
+            z=row_normalised(confusion.counts),
+            x=confusion.labels,
+            y=confusion.labels,
+            customdata=confusion.counts,
+            colorscale="Blues",
+            zmin=0,
+            zmax=1,
+            colorbar={"title": "share of row"},
+            hovertemplate="true %{y}<br>predicted %{x}<br>%{customdata} (%{z:.1%})<extra></extra>",
+        ),
+        layout={"title": title, "template": "plotly_white", "height": size, "width": size + 150},
+    )
+    tick_font = {"size": 7 if n > 30 else 10}
+    fig.update_xaxes(title="Predicted label", tickfont=tick_font, dtick=1)
+    fig.update_yaxes(title="True label", autorange="reversed", tickfont=tick_font, dtick=1)
+    return fig

@@ -1,0 +1,88 @@
+"""Per-class F1 and confusion matrices from the `labels` and `test_confusion` trial attributes.
+
+`test_confusion[i][j]` counts test examples of true label `i` predicted as `j` (at the trial's best
+epoch); `labels[i]` names label id `i`. Per-class F1 follows scikit-learn's `zero_division=0`
+convention, so the mean over classes equals the macro-F1 the objective logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from optuna.trial import FrozenTrial
+
+
+@dataclass(frozen=True)
+class Confusion:
+    labels: list[str]
+    counts: np.ndarray  # (n, n) int, rows = true label, columns = predicted label
+
+
+def confusion_of(trial: FrozenTrial | None) -> Confusion | None:
+    """The trial's test confusion matrix, or None when absent or malformed (never raises)."""
+    if trial is None:
+        return None
+    raw = trial.user_attrs.get("test_confusion")
+    if not isinstance(raw, list) or not raw:
+        return None
+    try:
+        counts = np.asarray(raw, dtype=float)
+    except (TypeError, ValueError):
+        return None
+    n = counts.shape[0]
+    if counts.shape != (n, n) or not np.all(np.isfinite(counts)) or np.any(counts < 0):
+        return None
+    labels = trial.user_attrs.get("labels")
+    if not isinstance(labels, list) or len(labels) != n:
+        # Without names the ids still identify classes within one study.
+        labels = [str(i) for i in range(n)]
+    return Confusion(labels=[str(label) for label in labels], counts=counts.astype(np.int64))
+
+
+def per_class_f1(counts: np.ndarray) -> np.ndarray:
+    """F1 of each class from a confusion matrix; 0 where precision and recall are undefined."""
+    counts = np.asarray(counts, dtype=float)
+    tp = np.diag(counts)
+    predicted = counts.sum(axis=0)
+    actual = counts.sum(axis=1)
+    denominator = predicted + actual  # 2TP + FP + FN, since F1 = 2TP / (2TP + FP + FN)
+    return np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+
+
+def row_normalised(counts: np.ndarray) -> np.ndarray:
+    """Each true-label row divided by its support (recall on the diagonal); empty rows stay 0."""
+    counts = np.asarray(counts, dtype=float)
+    support = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, support, out=np.zeros_like(counts), where=support > 0)
+
+
+@dataclass(frozen=True)
+class ClassF1:
+    label: str
+    lora_f1: float
+    baseline_f1: float
+
+    @property
+    def difference(self) -> float:
+        """LoRA minus baseline."""
+        return self.lora_f1 - self.baseline_f1
+
+
+def compare_per_class(lora: Confusion, baseline: Confusion) -> list[ClassF1]:
+    """Per-class F1 of both runs, matched by label name, sorted by difference (LoRA's largest
+    deficit first, then by name). Labels present in only one run are left out."""
+    lora_f1 = dict(zip(lora.labels, per_class_f1(lora.counts), strict=True))
+    base_f1 = dict(zip(baseline.labels, per_class_f1(baseline.counts), strict=True))
+    rows = [
+        ClassF1(label=label, lora_f1=float(lora_f1[label]), baseline_f1=float(base_f1[label]))
+        for label in lora.labels
+        if label in base_f1
+    ]
+    return sorted(rows, key=lambda r: (r.difference, r.label))
+
+
+def unmatched_labels(lora: Confusion, baseline: Confusion) -> Sequence[str]:
+    """Labels that only one of the two runs knows (a sign the runs used different data)."""
+    return sorted(set(lora.labels) ^ set(baseline.labels))

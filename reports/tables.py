@@ -1,0 +1,300 @@
+"""Pure report maths over `TrialRecord`s: the summary table, Pareto fronts, pruning savings and
+the findings that close REPORT.md. Nothing here reads storage or writes files.
+
+Pareto fronts (F1 against a cost)
+---------------------------------
+Candidates are the COMPLETE trials of the LoRA study and of the baseline study that have a finite
+validation F1 and a finite cost (trainable parameters, or training seconds). PRUNED, FAIL and
+RUNNING trials never enter a front: their F1 is that of an unfinished run.
+
+Point `a` dominates point `b` when `a` is at least as good on both axes and strictly better on at
+least one (higher or equal F1 *and* lower or equal cost, not both equal). The front is every
+candidate that no other candidate dominates. Consequences for ties, chosen deliberately:
+
+* Equal points (same F1 and same cost, e.g. two trials that landed on the same setting) do not
+  dominate each other, so all of them are kept: each is a setting a user may pick.
+* Weakly dominated points are dropped: the same F1 at a higher cost, or a lower F1 at the same
+  cost, is never worth choosing.
+
+Front rows are ordered by cost ascending, then F1 descending, then study and trial number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from reports.records import TrialRecord
+
+CostKey = Literal["trainable_params", "train_time_s"]
+COST_KEYS: tuple[CostKey, ...] = ("trainable_params", "train_time_s")
+
+# Fixed summary columns around the sampled parameters (which are inserted after "mode").
+SUMMARY_HEAD = ("study", "trial", "state", "mode")
+SUMMARY_TAIL = (
+    "trainable_params",
+    "total_params",
+    "trainable_share_pct",
+    "train_time_s",
+    "epochs_run",
+    "max_epochs",
+    "best_epoch",
+    "val_f1",
+    "test_f1",
+)
+PARETO_HEAD = ("study", "trial", "val_f1", "test_f1", "trainable_params", "train_time_s", "mode")
+
+
+def param_names(records: Sequence[TrialRecord]) -> list[str]:
+    """Every parameter name seen, in first-seen order (that is the order the objective suggests)."""
+    names: dict[str, None] = {}
+    for record in records:
+        for name in record.params:
+            names.setdefault(name, None)
+    return list(names)
+
+
+def _param_columns(names: Sequence[str], reserved: Sequence[str]) -> dict[str, str]:
+    # A parameter called e.g. "mode" would silently overwrite a fixed column; prefix it instead.
+    return {name: (f"param_{name}" if name in reserved else name) for name in names}
+
+
+def summary_columns(records: Sequence[TrialRecord]) -> list[str]:
+    """Column order of summary.csv and of the REPORT.md table."""
+    reserved = SUMMARY_HEAD + SUMMARY_TAIL
+    params = _param_columns(param_names(records), reserved)
+    return [*SUMMARY_HEAD, *params.values(), *SUMMARY_TAIL]
+
+
+def summary_row(record: TrialRecord, names: Sequence[str]) -> dict[str, Any]:
+    """One summary row; `names` are all parameter names of the report (missing ones are None)."""
+    params = _param_columns(names, SUMMARY_HEAD + SUMMARY_TAIL)
+    row: dict[str, Any] = {
+        "study": record.study,
+        "trial": record.number,
+        "state": record.state,
+        "mode": record.mode,
+    }
+    row.update({column: record.params.get(name) for name, column in params.items()})
+    row.update({column: getattr(record, column) for column in SUMMARY_TAIL})
+    return row
+
+
+def summary_rows(records: Sequence[TrialRecord]) -> list[dict[str, Any]]:
+    """summary.csv: the LoRA study's trials then the baseline's, each in trial-number order."""
+    names = param_names(records)
+    ordered = sorted(records, key=lambda r: (r.baseline, r.study, r.number))
+    return [summary_row(r, names) for r in ordered]
+
+
+def best_first(records: Sequence[TrialRecord]) -> list[TrialRecord]:
+    """Records ordered for REPORT.md: COMPLETE trials by validation F1 (best first), then the
+    unfinished ones (pruned, failed, running) by the best F1 they reached; unknown F1 last."""
+    return sorted(
+        records,
+        key=lambda r: (
+            not r.complete,
+            r.val_f1 is None,
+            -(r.val_f1 or 0.0),
+            r.baseline,
+            r.study,
+            r.number,
+        ),
+    )
+
+
+def check_cost(cost: str) -> CostKey:
+    """`cost` itself if it names a front's cost axis; a clear ValueError otherwise."""
+    if cost not in COST_KEYS:
+        raise ValueError(f"cost must be one of {', '.join(COST_KEYS)}; got {cost!r}")
+    return cost  # type: ignore[return-value]
+
+
+def cost_of(record: TrialRecord, cost: CostKey) -> float | None:
+    value = getattr(record, check_cost(cost))
+    return None if value is None else float(value)
+
+
+def pareto_candidates(records: Sequence[TrialRecord], cost: CostKey) -> list[TrialRecord]:
+    """COMPLETE trials (LoRA and baseline) with a known F1 and a known cost."""
+    check_cost(cost)
+    return [
+        r for r in records if r.complete and r.val_f1 is not None and cost_of(r, cost) is not None
+    ]
+
+
+def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """(f1, cost) point `a` dominates `b`: no worse on both axes, strictly better on one."""
+    (fa, ca), (fb, cb) = a, b
+    return fa >= fb and ca <= cb and (fa > fb or ca < cb)
+
+
+def pareto_front(records: Sequence[TrialRecord], cost: CostKey) -> list[TrialRecord]:
+    """The non-dominated candidates (maximise val F1, minimise `cost`); ties as in the module
+    docstring. Quadratic, which is fine for the hundreds of trials a study holds."""
+    candidates = pareto_candidates(records, cost)
+    points = [(float(r.val_f1), float(cost_of(r, cost))) for r in candidates]  # type: ignore[arg-type]
+    front = [
+        record
+        for record, point in zip(candidates, points, strict=True)
+        if not any(dominates(other, point) for other in points)
+    ]
+    return sorted(
+        front, key=lambda r: (cost_of(r, cost), -float(r.val_f1), r.baseline, r.study, r.number)
+    )
+
+
+def pareto_rows(front: Sequence[TrialRecord], names: Sequence[str]) -> list[dict[str, Any]]:
+    """pareto_*.csv rows: the contract's columns, then the trial's parameters."""
+    params = _param_columns(names, PARETO_HEAD)
+    rows = []
+    for r in front:
+        row: dict[str, Any] = {
+            "study": r.study,
+            "trial": r.number,
+            "val_f1": r.val_f1,
+            "test_f1": r.test_f1,
+            "trainable_params": r.trainable_params,
+            "train_time_s": r.train_time_s,
+            "mode": r.mode,
+        }
+        row.update({column: r.params.get(name) for name, column in params.items()})
+        rows.append(row)
+    return rows
+
+
+def pareto_columns(names: Sequence[str]) -> list[str]:
+    return [*PARETO_HEAD, *_param_columns(names, PARETO_HEAD).values()]
+
+
+@dataclass(frozen=True)
+class PruningSavings:
+    """Epochs actually trained against the epoch budget of the finished LoRA trials."""
+
+    n_trials: int  # finished (COMPLETE or PRUNED) trials counted
+    n_pruned: int
+    epochs_run: int
+    epoch_budget: int  # sum over counted trials of max_epochs
+    n_budget_assumed: int  # counted trials without max_epochs, given the study's largest one
+    n_skipped: int  # finished trials left out: epochs run unknown, or no budget known at all
+
+    @property
+    def used_fraction(self) -> float:
+        return self.epochs_run / self.epoch_budget
+
+    @property
+    def saved_fraction(self) -> float:
+        return 1.0 - self.used_fraction
+
+
+def pruning_savings(records: Sequence[TrialRecord]) -> PruningSavings | None:
+    """Epochs run / (trials x max epochs) over the LoRA study's COMPLETE and PRUNED trials.
+
+    FAIL trials stopped for another reason than pruning and RUNNING ones have not finished, so
+    neither is counted. None when no trial can be counted.
+    """
+    finished = [r for r in records if not r.baseline and r.state in ("COMPLETE", "PRUNED")]
+    known_budgets = [r.max_epochs for r in records if not r.baseline and r.max_epochs]
+    fallback = max(known_budgets) if known_budgets else None
+    counted, assumed = [], 0
+    for r in finished:
+        budget = r.max_epochs or fallback
+        if r.epochs_run is None or not budget:
+            continue
+        if not r.max_epochs:
+            assumed += 1
+        counted.append((r, budget))
+    if not counted:
+        return None
+    return PruningSavings(
+        n_trials=len(counted),
+        n_pruned=sum(r.state == "PRUNED" for r, _ in counted),
+        epochs_run=sum(int(r.epochs_run or 0) for r, _ in counted),
+        epoch_budget=sum(budget for _, budget in counted),
+        n_budget_assumed=assumed,
+        n_skipped=len(finished) - len(counted),
+    )
+
+
+def best_record(records: Sequence[TrialRecord], *, baseline: bool) -> TrialRecord | None:
+    """Best COMPLETE trial by validation F1 (never test F1: the test split chooses nothing);
+    among equal F1 the earliest trial wins, as with Optuna's `best_trial`."""
+    pool = [r for r in records if r.baseline == baseline and r.complete and r.val_f1 is not None]
+    if not pool:
+        return None
+    return max(pool, key=lambda r: (r.val_f1, -r.number))
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What REPORT.md concludes; every number is computed from the trials."""
+
+    best_lora: TrialRecord | None
+    baseline: TrialRecord | None
+    delta_val_f1: float | None  # best LoRA minus baseline
+    delta_test_f1: float | None
+    lora_share_pct: float | None  # LoRA trainable params as % of its own model's parameters
+    params_vs_baseline_pct: float | None  # LoRA trainable params as % of the baseline's
+    time_ratio: float | None  # LoRA train time / baseline train time
+    top_params: Mapping[str, tuple[str, float]]  # evaluator -> (parameter, normalised importance)
+    savings: PruningSavings | None
+    fronts: Mapping[str, Sequence[TrialRecord]] = field(default_factory=dict)
+
+    @property
+    def most_important(self) -> str | None:
+        """The parameter most evaluators rank first (ties: the first evaluator's choice)."""
+        votes: dict[str, int] = {}
+        for name, _ in self.top_params.values():
+            votes[name] = votes.get(name, 0) + 1
+        return max(votes, key=lambda n: votes[n]) if votes else None
+
+
+def compute_findings(
+    records: Sequence[TrialRecord],
+    top_params: Mapping[str, tuple[str, float]],
+    fronts: Mapping[str, Sequence[TrialRecord]] | None = None,
+) -> Findings:
+    """Best LoRA against the best baseline run, the top parameter per evaluator, and savings."""
+    lora = best_record(records, baseline=False)
+    base = best_record(records, baseline=True)
+
+    def both(attr: str) -> tuple[Any, Any]:
+        return (getattr(lora, attr, None), getattr(base, attr, None))
+
+    lora_params, base_params = both("trainable_params")
+    return Findings(
+        best_lora=lora,
+        baseline=base,
+        delta_val_f1=_delta(*both("val_f1")),
+        delta_test_f1=_delta(*both("test_f1")),
+        lora_share_pct=lora.trainable_share_pct if lora else None,
+        params_vs_baseline_pct=_ratio(
+            None if lora_params is None else 100.0 * lora_params, base_params
+        ),
+        time_ratio=_ratio(*both("train_time_s")),
+        top_params=dict(top_params),
+        savings=pruning_savings(records),
+        fronts=dict(fronts or {}),
+    )
+
+
+def best_so_far(records: Sequence[TrialRecord]) -> list[tuple[int, float]]:
+    """(trial number, best validation F1 of the COMPLETE LoRA trials up to it), in trial order:
+    the optimisation history's running best for a maximised objective."""
+    best: float | None = None
+    points = []
+    for r in sorted(records, key=lambda r: r.number):
+        if r.baseline or not r.complete or r.val_f1 is None:
+            continue
+        best = r.val_f1 if best is None else max(best, r.val_f1)
+        points.append((r.number, best))
+    return points

@@ -1,0 +1,142 @@
+"""The single entry to Optuna storages: `get_storage(url)`.
+
+- SQLite (default ``sqlite:///artifacts/optuna.db``): the folder is created; the database is put
+  in WAL mode so a dashboard reading it does not block a worker writing it.
+- PostgreSQL (``postgresql://user@host/db``) and MySQL/MariaDB (``mysql+pymysql://user@host/db``)
+  pass through to Optuna's RDB storage: the way to share one study between machines.
+- A journal file (``journal:path/to/study.log``) for several local workers without a database.
+
+RDB storages get a heartbeat, so a trial whose worker was killed is marked FAIL and retried
+with the same parameters by the next worker that starts or finishes a trial.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+DEFAULT_URL = "sqlite:///artifacts/optuna.db"
+HEARTBEAT_INTERVAL_S = 10
+GRACE_PERIOD_S = 30  # a resume started a minute after a kill -9 finds the trial stale already
+SQLITE_TIMEOUT_S = 60  # wait this long for another worker's write lock instead of failing
+
+_FORMS = (
+    "sqlite:///relative/path.db, sqlite:////absolute/path.db, "
+    "postgresql://user[:password]@host[:port]/database, "
+    "mysql+pymysql://user[:password]@host[:port]/database, journal:path/to/file.log"
+)
+
+
+class StorageError(ValueError):
+    """A storage URL that cannot work: the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class ParsedUrl:
+    kind: str  # "sqlite", "rdb" or "journal"
+    url: str  # what Optuna gets
+    path: Path | None  # the file, for sqlite and journal
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ***, for logs, errors, reports and notes."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, _, host = rest.rpartition("@")
+    if ":" not in creds:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+def parse_url(url: str) -> ParsedUrl:
+    """Check a storage URL without touching anything; say what to type when it is wrong."""
+    bad = f"storage URL {redact(url)!r} is not valid"
+    if url.startswith("journal:"):
+        path = url[len("journal:") :]
+        path = path[2:] if path.startswith("//") else path
+        if not path:
+            raise StorageError(f"{bad}: give a file, e.g. journal:artifacts/study.log")
+        return ParsedUrl("journal", url, Path(path))
+    if "://" not in url:
+        raise StorageError(f"{bad}; use one of: {_FORMS}")
+    scheme, rest = url.split("://", 1)
+    dialect, _, driver = scheme.partition("+")
+    if dialect == "sqlite":
+        if driver or not rest.startswith("/") or rest == "/":
+            raise StorageError(f"{bad}: SQLite URLs look like sqlite:///path/to/file.db")
+        return ParsedUrl("sqlite", url, Path(rest[1:]))
+    if dialect in ("postgres", "pgsql"):
+        raise StorageError(f"{bad}: write postgresql://{rest.split('@')[-1]} (with 'postgresql')")
+    if dialect == "postgresql":
+        if driver not in ("", "psycopg2"):
+            raise StorageError(f"{bad}: use postgresql:// (the psycopg2 driver is installed)")
+    elif dialect in ("mysql", "mariadb"):
+        if driver != "pymysql":
+            raise StorageError(
+                f"{bad}: use mysql+pymysql://{rest.split('@')[-1]} (PyMySQL is installed)"
+            )
+    else:
+        raise StorageError(f"{bad}: unknown scheme {scheme!r}; use one of: {_FORMS}")
+    if not rest.split("@")[-1].split("/")[0]:
+        raise StorageError(f"{bad}: no host given")
+    return ParsedUrl("rdb", url, None)
+
+
+def _rdb(
+    url: str, heartbeat: bool, engine_kwargs: dict | None = None
+) -> optuna.storages.RDBStorage:
+    kwargs = {}
+    if heartbeat:
+        kwargs = dict(
+            heartbeat_interval=HEARTBEAT_INTERVAL_S,
+            grace_period=GRACE_PERIOD_S,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=3
+            ),
+        )
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+
+
+def get_storage(
+    url: str = DEFAULT_URL, heartbeat: bool = True, create: bool = True
+) -> optuna.storages.BaseStorage:
+    """An Optuna storage for `url`; raises StorageError with a one-line reason.
+
+    With `create=False` (readers: report, dashboard) a missing SQLite or journal file is an error
+    instead of a new empty storage.
+    """
+    parsed = parse_url(url)
+    if not create and parsed.path is not None and not parsed.path.is_file():
+        raise StorageError(f"no storage at {parsed.path}: run `python -m study optimize` first")
+    try:
+        if parsed.kind == "journal":
+            parsed.path.parent.mkdir(parents=True, exist_ok=True)
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            return JournalStorage(JournalFileBackend(str(parsed.path)))
+        if parsed.kind == "sqlite":
+            parsed.path.parent.mkdir(parents=True, exist_ok=True)
+            with sqlite3.connect(parsed.path, timeout=SQLITE_TIMEOUT_S) as con:
+                # WAL is a property of the file: readers (the dashboard) no longer block writers.
+                con.execute("PRAGMA journal_mode=WAL")
+            return _rdb(url, heartbeat, {"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
+        return _rdb(url, heartbeat, {"pool_pre_ping": True})
+    except StorageError:
+        raise
+    except (OSError, sqlite3.Error) as e:
+        raise StorageError(f"cannot open storage {redact(url)}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy/driver errors carry the reason in the text
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StorageError(f"cannot open storage {redact(url)}: {scrub(reason, url)}") from None
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` with the password of `url` (if any) replaced by ***."""
+    creds = url.split("://", 1)[-1].rpartition("@")[0]
+    password = creds.split(":", 1)[1] if ":" in creds else ""
+    return text.replace(password, "***") if password else text

