@@ -1,0 +1,234 @@
+"""What `optimize` shows in optuna-dashboard: a study note and two Pareto figures, kept current.
+
+The note (Markdown, optuna-dashboard's study note) puts the best LoRA trial beside the full-FT
+baseline in the columns of the end-of-run table, with the F1 gap and the cost ratios. The figures
+are `reports.pareto_figure` (validation F1 against trainable parameters and against training time,
+the baseline marked), stored as optuna-dashboard custom plots under fixed ids so each refresh
+replaces them. `DashboardNotes` is an Optuna callback that rewrites both after every finished
+trial: a few reads and a few dozen small writes, negligible beside a trial that trains a model.
+
+The builders are pure functions of trials; only `DashboardNotes` touches storage.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import optuna
+import plotly.graph_objects as go
+from optuna.trial import FrozenTrial, TrialState
+
+from reports import pareto_figure
+from reports.tables import CostKey
+
+# The note shares the end-of-run table's row format, so the terminal and the dashboard agree.
+from study.table import COLUMNS, _row, best_trials
+
+# Fixed custom-plot ids: saving under the same id replaces the figure instead of adding one.
+FIGURE_IDS: dict[CostKey, str] = {
+    "trainable_params": "pareto-f1-vs-trainable-params",
+    "train_time_s": "pareto-f1-vs-train-time",
+}
+OBJECTIVE_TEXT = (
+    "**val_macro_f1**: validation macro-F1, maximised; a trial's value is its best epoch. "
+    "Test F1 is measured at that epoch and never used to choose."
+)
+
+
+def _number(trial: FrozenTrial, key: str) -> float | None:
+    value = trial.user_attrs.get(key)
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if ok else None
+
+
+def _table(rows: Sequence[tuple[str, FrozenTrial]]) -> list[str]:
+    head = ("trial", *COLUMNS)
+    # Numbers align right so digits line up; the three text columns stay left.
+    align = ["---" if c in ("trial", "mode", "scheduler") else "---:" for c in head]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join([label, *_row(t)]) + " |" for label, t in rows]
+    return lines
+
+
+STATE_WORDS = {
+    TrialState.COMPLETE: "complete",
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "failed",
+    TrialState.RUNNING: "running",
+    TrialState.WAITING: "waiting",
+}
+
+
+def _counts(trials: Sequence[FrozenTrial]) -> str:
+    counts = dict.fromkeys(STATE_WORDS, 0)
+    for t in trials:
+        counts[t.state] += 1
+    # Finished states always show (a 0 is news too); running and waiting only when present.
+    shown = [f"{counts[s]} {w}" for s, w in STATE_WORDS.items() if counts[s] or s.is_finished()]
+    return f"{len(trials)} trial{'' if len(trials) == 1 else 's'} ({', '.join(shown)})"
+
+
+def comparison(best: FrozenTrial, base: FrozenTrial) -> list[str]:
+    """Bullets: the F1 gap in points and what the LoRA trial costs relative to the baseline."""
+    lines = []
+    f1, base_f1 = _number(best, "val_f1"), _number(base, "val_f1")
+    if f1 is not None and base_f1 is not None:
+        gap = 100 * (f1 - base_f1)  # in F1 points, the unit papers and the reference use
+        verdict = (
+            "equal to the baseline"
+            if round(gap, 2) == 0
+            else f"{abs(gap):.2f} points {'above' if gap > 0 else 'below'} the baseline"
+        )
+        lines.append(f"- validation macro-F1 {f1:.4f} vs {base_f1:.4f}: {verdict}")
+    test, base_test = _number(best, "test_f1"), _number(base, "test_f1")
+    if test is not None and base_test is not None:
+        lines.append(
+            f"- test macro-F1 {test:.4f} vs {base_test:.4f} (reported, not used to choose)"
+        )
+    params, base_params = _number(best, "trainable_params"), _number(base, "trainable_params")
+    if params is not None and base_params:
+        lines.append(
+            f"- trainable parameters {params:,.0f} vs {base_params:,.0f}:"
+            f" {100 * params / base_params:.2f}% of the baseline's"
+        )
+    time, base_time = _number(best, "train_time_s"), _number(base, "train_time_s")
+    if time is not None and base_time:
+        lines.append(
+            f"- training time {time:.1f} s vs {base_time:.1f} s: {time / base_time:.2f}x the"
+            " baseline's"
+        )
+    return lines
+
+
+def study_note(
+    study_name: str,
+    lora: Sequence[FrozenTrial],
+    baseline: Sequence[FrozenTrial],
+    baseline_name: str,
+    top: int = 5,
+) -> str:
+    """The Markdown note of the LoRA study: best LoRA trial vs the baseline, then the top trials."""
+    ranked = best_trials(lora, top)
+    base = best_trials(baseline, 1)
+    best, base_trial = (ranked[0] if ranked else None), (base[0] if base else None)
+    lines = [
+        f"## LoRA vs full fine-tuning: `{study_name}`",
+        "",
+        f"Objective {OBJECTIVE_TEXT}",
+        "",
+        f"LoRA study: {_counts(lora)}. Baseline study `{baseline_name}`: {_counts(baseline)}.",
+        "",
+        "### Best LoRA trial and the baseline",
+        "",
+    ]
+    rows = []
+    if best is not None:
+        rows.append((f"#{best.number}", best))
+    if base_trial is not None:
+        rows.append((f"baseline #{base_trial.number}", base_trial))
+    if rows:
+        lines += _table(rows)
+        lines.append("")
+    if best is None:
+        lines.append("No COMPLETE LoRA trial yet; this note is refreshed after every trial.")
+    if base_trial is None:
+        running = any(t.state == TrialState.RUNNING for t in baseline)
+        lines.append(
+            "The baseline is running." if running else "No COMPLETE baseline run in this storage."
+        )
+    if best is not None and base_trial is not None:
+        lines.append(f"Best LoRA trial #{best.number} against the full fine-tuning baseline:")
+        lines.append("")
+        lines += comparison(best, base_trial)
+    if len(ranked) > 1:
+        lines += ["", f"### Top {len(ranked)} LoRA trials by validation F1", ""]
+        lines += _table([(f"#{t.number}", t) for t in ranked])
+    lines += [
+        "",
+        "### Custom plots (on the study's main page)",
+        "",
+        "Validation F1 against trainable parameters (log scale) and against training time: every"
+        " COMPLETE trial, the Pareto front (best F1 for its cost) highlighted, pruned trials as"
+        " crosses at the best F1 they reached, and the baseline as a star with a dashed line at"
+        " its F1.",
+        "",
+        "_Written by `python -m study optimize` after every trial; edits made here are"
+        " overwritten. Use trial notes for your own remarks._",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def baseline_note(study_name: str) -> str:
+    """The baseline study's note: what it is and where the comparison lives."""
+    return (
+        f"## Full fine-tuning baseline of `{study_name}`\n\n"
+        "One fixed full fine-tuning run (not tuned: the reference settings), the yardstick for"
+        " every LoRA trial. The comparison with the best LoRA trial and the Pareto plots are on"
+        f" the study `{study_name}`.\n\nObjective {OBJECTIVE_TEXT}\n"
+    )
+
+
+def dashboard_figures(
+    lora: Sequence[FrozenTrial],
+    baseline: Sequence[FrozenTrial],
+    study_name: str,
+    baseline_name: str,
+) -> dict[str, go.Figure]:
+    """The Pareto figures by custom-plot id, sized for the dashboard's plot cards."""
+    figures = {}
+    for cost, figure_id in FIGURE_IDS.items():
+        fig = pareto_figure(
+            lora, baseline, cost, study_name=study_name, baseline_name=baseline_name
+        )
+        # The report's fixed height overflows the dashboard's 450 px card; let plotly fit it.
+        fig.update_layout(height=None, autosize=True)
+        figures[figure_id] = fig
+    return figures
+
+
+class DashboardNotes:
+    """Optuna callback: rewrite the LoRA study's note and Pareto plots after every trial.
+
+    Call `refresh(study)` once before `study.optimize` so the dashboard shows the comparison
+    (and the baseline) before the first trial ends. The baseline study is looked up by name on
+    each refresh, so worker processes need only the storage, and a baseline finished by another
+    process shows up. A failed refresh is reported on stderr and never stops the study: the
+    dashboard view is a convenience, the trials are the product.
+    """
+
+    def __init__(self, storage: optuna.storages.BaseStorage, baseline_name: str) -> None:
+        self.storage = storage
+        self.baseline_name = baseline_name
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.refresh(study)
+
+    def refresh(self, study: optuna.Study) -> None:
+        try:
+            publish(study, self._baseline(), self.baseline_name)
+        except Exception as e:  # noqa: BLE001 - see the class docstring
+            print(f"warning: could not update the dashboard note: {e}", file=sys.stderr)
+
+    def _baseline(self) -> optuna.Study | None:
+        try:
+            return optuna.load_study(study_name=self.baseline_name, storage=self.storage)
+        except KeyError:
+            return None
+
+
+def publish(study: optuna.Study, baseline: optuna.Study | None, baseline_name: str) -> None:
+    """Write the note and the figures of `study` (and the baseline's note) to storage."""
+    from optuna_dashboard import get_note, save_note, save_plotly_graph_object
+
+    lora_trials = study.get_trials(deepcopy=False)
+    base_trials = baseline.get_trials(deepcopy=False) if baseline is not None else []
+    save_note(study, study_note(study.study_name, lora_trials, base_trials, baseline_name))
+    figures = dashboard_figures(lora_trials, base_trials, study.study_name, baseline_name)
+    for figure_id, fig in figures.items():
+        save_plotly_graph_object(study, fig, graph_object_id=figure_id)
+    if baseline is None:
+        return
+    base_text = baseline_note(study.study_name)
+    if get_note(baseline) != base_text:  # static: written once, not after every trial
+        save_note(baseline, base_text)
