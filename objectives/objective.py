@@ -6,16 +6,34 @@ user attributes (DESIGN.md), so the two studies sit side by side in reports and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import optuna
 import torch
+from optuna.trial import TrialState
 from torch import nn
 
 from objectives.config import BASELINE_PARAMS, FULL_FT_DEFAULTS, TrainConfig
 from objectives.model import build_model, count_params
 from objectives.space import Space
-from objectives.train import EpochResult, PreparedData, TrainingFailed, release_memory, train
+from objectives.train import (
+    EpochResult,
+    PreparedData,
+    TrainingFailed,
+    TrainResult,
+    release_memory,
+    train,
+)
+
+# Receives a COMPLETE trial's model (holding its best epoch's weights) before the trial ends:
+# a finished trial's attributes and artifacts can no longer be written.
+KeepWeights = Callable[[optuna.Trial, nn.Module, TrainConfig, TrainResult], None]
+
+
+class DuplicateRun(TrainingFailed):
+    """Another worker already runs this (single-run) study's trial."""
+
 
 # A trial that fails for these reasons ends as FAIL and the study goes on; any other exception
 # is a bug and stops the study.
@@ -32,6 +50,7 @@ class RunContext:
     data_fingerprint: str
     label_names: tuple[str, ...]
     progress: bool = False
+    keep_weights: KeepWeights | None = None  # None: no weights are kept
 
 
 def run_trial(trial: optuna.Trial, cfg: TrainConfig, ctx: RunContext, prune: bool) -> float:
@@ -84,6 +103,8 @@ def run_trial(trial: optuna.Trial, cfg: TrainConfig, ctx: RunContext, prune: boo
             "test_confusion": result.test_confusion.tolist(),
         }.items():
             trial.set_user_attr(key, value)
+        if ctx.keep_weights is not None:
+            ctx.keep_weights(trial, model, cfg, result)
         return result.val_f1
     except TrainingFailed as e:
         trial.set_user_attr("fail_reason", str(e))
@@ -116,6 +137,14 @@ class BaselineObjective:
     ctx: RunContext
 
     def __call__(self, trial: optuna.Trial) -> float:
+        # Workers that start together may each open a baseline trial; the lowest number runs it.
+        rivals = trial.study.get_trials(
+            deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)
+        )
+        first = min((t.number for t in rivals if t.number < trial.number), default=None)
+        if first is not None:
+            trial.set_user_attr("fail_reason", f"trial {first} already runs the baseline")
+            raise DuplicateRun(f"trial {first} already runs the baseline")
         for name in BASELINE_PARAMS:
             value = getattr(self.cfg, name)
             if isinstance(value, str):

@@ -13,6 +13,7 @@ with the same parameters by the next worker that starts or finishes a trial.
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ DEFAULT_URL = "sqlite:///artifacts/optuna.db"
 HEARTBEAT_INTERVAL_S = 10
 GRACE_PERIOD_S = 30  # a resume started a minute after a kill -9 finds the trial stale already
 SQLITE_TIMEOUT_S = 60  # wait this long for another worker's write lock instead of failing
+SCHEMA_RACE_RETRIES = 5
 
 _FORMS = (
     "sqlite:///relative/path.db, sqlite:////absolute/path.db, "
@@ -62,6 +64,8 @@ def parse_url(url: str) -> ParsedUrl:
         if not path:
             raise StorageError(f"{bad}: give a file, e.g. journal:artifacts/study.log")
         return ParsedUrl("journal", url, Path(path))
+    if url.startswith("sqlite:") and not url.startswith("sqlite:///"):
+        raise StorageError(f"{bad}: SQLite URLs look like sqlite:///path/to/file.db")
     if "://" not in url:
         raise StorageError(f"{bad}; use one of: {_FORMS}")
     scheme, rest = url.split("://", 1)
@@ -73,8 +77,8 @@ def parse_url(url: str) -> ParsedUrl:
     if dialect in ("postgres", "pgsql"):
         raise StorageError(f"{bad}: write postgresql://{rest.split('@')[-1]} (with 'postgresql')")
     if dialect == "postgresql":
-        if driver not in ("", "psycopg2"):
-            raise StorageError(f"{bad}: use postgresql:// (the psycopg2 driver is installed)")
+        if driver not in ("", "psycopg"):
+            raise StorageError(f"{bad}: use postgresql:// (the psycopg driver is installed)")
     elif dialect in ("mysql", "mariadb"):
         if driver != "pymysql":
             raise StorageError(
@@ -87,28 +91,44 @@ def parse_url(url: str) -> ParsedUrl:
     return ParsedUrl("rdb", url, None)
 
 
+@dataclass(frozen=True)
+class Heartbeat:
+    interval_s: int = HEARTBEAT_INTERVAL_S
+    grace_period_s: int = GRACE_PERIOD_S
+
+
 def _rdb(
-    url: str, heartbeat: bool, engine_kwargs: dict | None = None
+    url: str, heartbeat: Heartbeat | None, engine_kwargs: dict | None = None
 ) -> optuna.storages.RDBStorage:
     kwargs = {}
-    if heartbeat:
+    if heartbeat is not None:
         kwargs = dict(
-            heartbeat_interval=HEARTBEAT_INTERVAL_S,
-            grace_period=GRACE_PERIOD_S,
+            heartbeat_interval=heartbeat.interval_s,
+            grace_period=heartbeat.grace_period_s,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=3
             ),
         )
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    for attempt in range(SCHEMA_RACE_RETRIES):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is the schema race
+            # Workers starting together on an empty database all try to create Optuna's
+            # tables and version row; the losers see "already exists" or a duplicate key.
+            race = any(m in str(e).lower() for m in ("already exists", "duplicate", "unique"))
+            if not race or attempt == SCHEMA_RACE_RETRIES - 1:
+                raise
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
 
 
 def get_storage(
-    url: str = DEFAULT_URL, heartbeat: bool = True, create: bool = True
+    url: str = DEFAULT_URL, heartbeat: Heartbeat | None = Heartbeat(), create: bool = True
 ) -> optuna.storages.BaseStorage:
     """An Optuna storage for `url`; raises StorageError with a one-line reason.
 
-    With `create=False` (readers: report, dashboard) a missing SQLite or journal file is an error
-    instead of a new empty storage.
+    `heartbeat=None` turns the heartbeat off (readers need none). With `create=False` (readers:
+    report, dashboard) a missing SQLite or journal file is an error instead of a new empty storage.
     """
     parsed = parse_url(url)
     if not create and parsed.path is not None and not parsed.path.is_file():
@@ -121,9 +141,11 @@ def get_storage(
             return JournalStorage(JournalFileBackend(str(parsed.path)))
         if parsed.kind == "sqlite":
             parsed.path.parent.mkdir(parents=True, exist_ok=True)
-            with sqlite3.connect(parsed.path, timeout=SQLITE_TIMEOUT_S) as con:
+            if not parsed.path.exists():
                 # WAL is a property of the file: readers (the dashboard) no longer block writers.
-                con.execute("PRAGMA journal_mode=WAL")
+                # Only new files: an existing storage is never changed before input is checked.
+                with sqlite3.connect(parsed.path, timeout=SQLITE_TIMEOUT_S) as con:
+                    con.execute("PRAGMA journal_mode=WAL")
             return _rdb(url, heartbeat, {"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
         return _rdb(url, heartbeat, {"pool_pre_ping": True})
     except StorageError:
@@ -140,3 +162,19 @@ def scrub(text: str, url: str) -> str:
     creds = url.split("://", 1)[-1].rpartition("@")[0]
     password = creds.split(":", 1)[1] if ":" in creds else ""
     return text.replace(password, "***") if password else text
+
+
+def describe_failure(exc: BaseException, url: str) -> str | None:
+    """A one-line message when `exc` is the storage refusing to work (disk full, read-only,
+    unreachable); None for anything else, which is then a bug and keeps its traceback."""
+    import errno
+
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(exc, OperationalError | sqlite3.OperationalError):
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    elif isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+        reason = exc.strerror or str(exc)
+    else:
+        return None
+    return f"storage {redact(url)} failed: {scrub(reason, url)} (disk full or read-only?)"

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from objectives.data import DATA_DIR_ENV
-from storage import DEFAULT_URL
+from storage import DEFAULT_URL, GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, Heartbeat
 
 SAMPLERS = ("tpe", "random", "gp")
 PRUNERS = ("hyperband", "median", "none")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+KEEP_POLICIES = ("all", "best", "none")  # which LoRA trials keep their weights
 BASELINE_SUFFIX = "-full-ft"
 
 
@@ -43,10 +44,29 @@ class StudyConfig:
     pruner: str = "hyperband"
     space: str = "default"  # `default`, `extended` or a TOML file
     progress: bool = True
+    workers: int = 1  # parallel worker processes on this machine, sharing the storage
+    # None: --seed. Worker k of --workers uses sampler_seed + k; separate processes (other
+    # machines) need their own, or their random start-up trials would repeat each other's.
+    sampler_seed: int | None = None
+    # A killed worker's trial is failed and retried once its heartbeat is older than the grace
+    # period; 10 s / 30 s lets a resume started a minute after a kill recover it at once.
+    heartbeat_interval: int = HEARTBEAT_INTERVAL_S
+    grace_period: int = GRACE_PERIOD_S
+    keep: str = "best"  # LoRA trials keeping weights: all, best (top keep_top by val F1), none
+    keep_top: int = 5  # K of keep = "best"; the baseline always keeps its weights
+    artifact_dir: str | None = None  # None: weights/ beside the SQLite/journal file (study.winners)
 
     @property
     def baseline_name(self) -> str:
         return self.study_name + BASELINE_SUFFIX
+
+    @property
+    def sampler_base_seed(self) -> int:
+        return self.seed if self.sampler_seed is None else self.sampler_seed
+
+    @property
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(self.heartbeat_interval, self.grace_period)
 
     @property
     def resolved_data_dir(self) -> str | None:
@@ -88,11 +108,22 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     positive("n_trials", cfg.n_trials)
     positive("epochs", cfg.epochs)
     positive("max_length", cfg.max_length)
+    positive("workers", cfg.workers)
+    positive("heartbeat_interval", cfg.heartbeat_interval)
+    positive("grace_period", cfg.grace_period)
+    if cfg.grace_period <= cfg.heartbeat_interval:
+        raise ConfigError("--grace-period must be longer than --heartbeat-interval")
     if cfg.max_train_samples is not None:
         positive("max_train_samples", cfg.max_train_samples)
     if cfg.timeout is not None:
         positive("timeout", cfg.timeout, integer=False)
-    for name, allowed in (("sampler", SAMPLERS), ("pruner", PRUNERS), ("device", DEVICES)):
+    positive("keep_top", cfg.keep_top)
+    for name, allowed in (
+        ("sampler", SAMPLERS),
+        ("pruner", PRUNERS),
+        ("device", DEVICES),
+        ("keep", KEEP_POLICIES),
+    ):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"--{name} must be one of {', '.join(allowed)}")
     if not cfg.study_name.strip():

@@ -16,7 +16,7 @@ from storage import StorageError, get_storage, parse_url, redact, scrub
         ("sqlite:///artifacts/optuna.db", "sqlite"),
         ("sqlite:////tmp/x.db", "sqlite"),
         ("postgresql://user@localhost/test", "rdb"),
-        ("postgresql+psycopg2://user:pw@localhost:5432/test", "rdb"),
+        ("postgresql+psycopg://user:pw@localhost:5432/test", "rdb"),
         ("mysql+pymysql://root@127.0.0.1/test", "rdb"),
         ("journal:artifacts/study.log", "journal"),
     ],
