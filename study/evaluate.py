@@ -1,0 +1,174 @@
+"""The `evaluate` command: reload a trial's kept weights and measure them again on val or test.
+
+It predicts exactly as training did (same tokenisation, length buckets, batch size and autocast
+dtype on the same kind of device), so on the device the trial ran on the recomputed macro-F1 and
+accuracy equal the trial's stored `val_f1`/`val_accuracy` or `test_f1`/`test_accuracy`.
+It writes `metrics.json` (recomputed and stored values side by side), `per_class_f1.csv` and
+`confusion_matrix.png` (rows = true intent, shaded by share of the row).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from objectives.data import DATA_DIR_ENV, IntentData, encode, load_data
+from objectives.metrics import accuracy, confusion_matrix, macro_f1, per_class_f1
+from objectives.train import detect_device, predict, prepare_split
+from objectives.weights import Restored, atomic_folder, inference_dtype
+from study.winners import WinnersError, heldout_fingerprint, restore_trial, trial_summary
+
+SPLITS = ("val", "test")
+OUTPUTS = ("metrics.json", "per_class_f1.csv", "confusion_matrix.png")
+
+
+@dataclass(frozen=True)
+class Recomputed:
+    split: str
+    labels: tuple[str, ...]
+    f1: float
+    accuracy: float
+    confusion: np.ndarray  # rows = true label id, columns = predicted label id
+    device: str
+    dtype: str
+
+
+def check_data(restored: Restored, data: IntentData, source: str) -> None:
+    """Refuse data other than the data the trial's metrics were measured on."""
+    info = restored.info
+    if tuple(data.label_names) != info.labels:
+        raise WinnersError(
+            f"the intents in {source} differ from the {len(info.labels)} the trial was trained on; "
+            "pass the --data-dir the study used"
+        )
+    if heldout_fingerprint(data) != info.heldout_fingerprint:
+        raise WinnersError(
+            f"the validation or test texts in {source} differ from those the trial was measured "
+            "on; pass the --data-dir the study used"
+        )
+
+
+def recompute(restored: Restored, data: IntentData, split: str, device: torch.device) -> Recomputed:
+    """Predict `split` with the restored model and measure it as training measured it."""
+    if split not in SPLITS:
+        raise WinnersError(f"--split must be one of {', '.join(SPLITS)}")
+    info = restored.info
+    encoded = encode(data, restored.tokenizer, info.max_length)
+    prepared = prepare_split(getattr(encoded, split), encoded.pad_token_id, device)
+    dtype = inference_dtype(device, info.mixed_precision)
+    preds = predict(restored.model.to(device), prepared, dtype)
+    n = len(info.labels)
+    return Recomputed(
+        split=split,
+        labels=info.labels,
+        f1=macro_f1(prepared.labels, preds, n),
+        accuracy=accuracy(prepared.labels, preds),
+        confusion=confusion_matrix(prepared.labels, preds, n),
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+    )
+
+
+def per_class_rows(result: Recomputed) -> list[dict[str, Any]]:
+    """One row per intent: F1, precision, recall and support, in label-id order."""
+    cm = result.confusion
+    tp = np.diag(cm).astype(float)
+    predicted, support = cm.sum(axis=0), cm.sum(axis=1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    return [
+        {
+            "intent": label,
+            "f1": round(float(f1), 6),
+            "precision": round(float(p), 6),
+            "recall": round(float(r), 6),
+            "support": int(s),
+        }
+        for label, f1, p, r, s in zip(
+            result.labels, per_class_f1(cm), precision, recall, support, strict=True
+        )
+    ]
+
+
+def metrics_doc(result: Recomputed, summary: dict[str, Any], stored: dict[str, Any]) -> dict:
+    return {
+        **summary,
+        "split": result.split,
+        "examples": int(result.confusion.sum()),
+        "macro_f1": result.f1,
+        "accuracy": result.accuracy,
+        "stored": stored,
+        "matches_stored": stored == {"macro_f1": result.f1, "accuracy": result.accuracy},
+        "device": result.device,
+        "dtype": result.dtype,
+    }
+
+
+def write_evaluation(folder: Path, result: Recomputed, doc: dict[str, Any], title: str) -> None:
+    from reports.perclass import Confusion
+    from reports.png import confusion_png, save
+
+    (folder / "metrics.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    rows = per_class_rows(result)
+    with open(folder / "per_class_f1.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    save(
+        confusion_png(Confusion(list(result.labels), result.confusion), title), folder / OUTPUTS[2]
+    )
+
+
+def default_out(study_name: str, trial_number: int, split: str) -> Path:
+    return Path("artifacts") / "evaluations" / study_name / f"trial-{trial_number}-{split}"
+
+
+def evaluate_trial(
+    storage_url: str,
+    store_dir: str | None,
+    study_name: str,
+    which: str,
+    split: str,
+    data_dir: str | None,
+    device_name: str,
+    out: str | None,
+) -> tuple[Path, dict[str, Any]]:
+    """The `evaluate` command; returns the folder written and the metrics document."""
+    if split not in SPLITS:
+        raise WinnersError(f"--split must be one of {', '.join(SPLITS)}")
+    if out is not None:
+        _check_out(Path(out))
+    device = detect_device(device_name)
+    name, trial, restored = restore_trial(storage_url, store_dir, study_name, which)
+    folder = Path(out) if out is not None else default_out(name, trial.number, split)
+    _check_out(folder)
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+    data = load_data(data_dir)  # val and test do not depend on --max-train-samples
+    check_data(restored, data, data.source)
+    result = recompute(restored, data, split, device)
+    prefix = "val" if split == "val" else "test"
+    stored = {
+        "macro_f1": trial.user_attrs.get(f"{prefix}_f1"),
+        "accuracy": trial.user_attrs.get(f"{prefix}_accuracy"),
+    }
+    doc = metrics_doc(result, trial_summary(name, trial), stored)
+    title = f"{name} trial {trial.number}: {split} macro-F1 {result.f1:.4f}"
+    with atomic_folder(folder, replace=True) as tmp:
+        write_evaluation(tmp, result, doc, title)
+    return folder, doc
+
+
+def _check_out(folder: Path) -> None:
+    """An earlier evaluation may be replaced; any other existing folder is left alone."""
+    if folder.exists() and not (folder.is_dir() and (folder / "metrics.json").is_file()):
+        if not folder.is_dir() or any(folder.iterdir()):
+            raise WinnersError(
+                f"{folder} exists and is not an earlier evaluation; choose another --out"
+            )
