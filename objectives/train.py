@@ -75,7 +75,7 @@ def autocast_dtype(device_type: str, mixed_precision: bool, bf16_supported: bool
     return torch.bfloat16 if bf16_supported else torch.float32  # mps
 
 
-def _bf16_supported(device: torch.device) -> bool:
+def device_bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "mps":
@@ -277,7 +277,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
     )
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -299,7 +299,7 @@ def train(
     device = data.device
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    dtype = autocast_dtype(device.type, cfg.mixed_precision, _bf16_supported(device))
+    dtype = autocast_dtype(device.type, cfg.mixed_precision, device_bf16_supported(device))
     use_amp = dtype != torch.float32
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if device.type == "cuda":
@@ -318,7 +318,7 @@ def train(
     bar = _progress(cfg.epochs, progress)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for step, (b, rows) in enumerate(epoch_batches(data.train, cfg.batch_size, gen), 1):
@@ -340,7 +340,7 @@ def train(
             if step % NAN_CHECK_EVERY == 0:
                 _check_finite(loss_sum, epoch, step)
         _check_finite(loss_sum, epoch, steps_per_epoch)
-        _sync(device)
+        sync_device(device)
         train_time += time.perf_counter() - t0
 
         ev = evaluate(model, data.val, data.num_labels, dtype)

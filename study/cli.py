@@ -14,11 +14,36 @@ from objectives.data import DATA_DIR_ENV, DataError
 from objectives.model import ModelLoadError
 from objectives.space import SpaceError
 from objectives.train import DeviceError
+from objectives.weights import WeightsError
 from storage import DEFAULT_URL, StorageError, redact
-from study.config import DEVICES, PRUNERS, SAMPLERS, ConfigError, make_config, read_config_file
+from study.config import (
+    DEVICES,
+    KEEP_POLICIES,
+    PRUNERS,
+    SAMPLERS,
+    ConfigError,
+    make_config,
+    read_config_file,
+)
+from study.predict import PredictError
+from study.winners import WinnersError
 
 # Errors whose message is for the user; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, SpaceError, StorageError, DeviceError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    ModelLoadError,
+    SpaceError,
+    StorageError,
+    DeviceError,
+    WeightsError,
+    WinnersError,
+    PredictError,
+)
+ARTIFACT_DIR_HELP = (
+    "folder of the artifact store holding kept weights "
+    "(default: weights/ beside the SQLite or journal file, else artifacts/weights)"
+)
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -53,6 +78,17 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="no progress bars",
     )
+    p.add_argument(
+        "--heartbeat-interval",
+        type=int,
+        help="seconds between a running trial's heartbeats in RDB storages (10)",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        help="seconds without heartbeat before a trial counts as dead, is failed and retried (30)",
+    )
+    p.add_argument("--artifact-dir", help=ARTIFACT_DIR_HELP)
     p.add_argument("--config", help="TOML file with defaults for these flags (keys = flag names)")
 
 
@@ -76,6 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--pruner", choices=PRUNERS, help="pruner on per-epoch validation F1 (hyperband)"
     )
     opt.add_argument("--space", help="search space: default, extended, or a TOML file (see README)")
+    opt.add_argument(
+        "--workers", type=int, help="worker processes sharing the trials on this machine (1)"
+    )
+    opt.add_argument(
+        "--sampler-seed",
+        type=int,
+        help="sampler seed (default --seed); give each machine sharing a study its own",
+    )
+    opt.add_argument(
+        "--keep",
+        choices=KEEP_POLICIES,
+        help="which trials keep their best weights: all, best (the current --keep-top by "
+        "validation F1; the others are removed) or none; the baseline always keeps its (best)",
+    )
+    opt.add_argument(
+        "--keep-top", type=int, help="how many trials --keep best keeps, by validation F1 (5)"
+    )
     opt.set_defaults(run=_optimize)
 
     base = sub.add_parser("baseline", help="run the fixed full fine-tuning baseline study")
@@ -87,7 +140,79 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--storage", default=DEFAULT_URL, help=f"Optuna storage URL ({DEFAULT_URL})")
     rep.add_argument("--out", help="output folder (default artifacts/reports/<study-name>)")
     rep.set_defaults(run=_report)
+
+    dash = sub.add_parser("dashboard", help="serve optuna-dashboard for the storage (127.0.0.1)")
+    dash.add_argument("--storage", default=DEFAULT_URL, help=f"Optuna storage URL ({DEFAULT_URL})")
+    dash.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (127.0.0.1); another one exposes studies to anyone who "
+        "reaches it, optuna-dashboard has no authentication",
+    )
+    dash.add_argument("--port", type=int, default=8080, help="port (8080; 0: any free port)")
+    dash.add_argument("--artifact-dir", help=ARTIFACT_DIR_HELP)
+    dash.set_defaults(run=_dashboard)
+
+    _add_winner_commands(sub)
     return parser
+
+
+def _add_trial_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the commands that reload a trial's kept weights (`evaluate`, `export`)."""
+    p.add_argument("--study-name", default="banking77", help="the LoRA study (banking77)")
+    p.add_argument(
+        "--trial",
+        required=True,
+        help="a trial number, best (the LoRA study's best) or baseline (the full-FT baseline)",
+    )
+    p.add_argument("--storage", default=DEFAULT_URL, help=f"Optuna storage URL ({DEFAULT_URL})")
+    p.add_argument("--artifact-dir", help=ARTIFACT_DIR_HELP)
+
+
+def _add_winner_commands(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser(
+        "evaluate",
+        help="reload a trial's weights; write metrics.json, per_class_f1.csv, confusion_matrix.png",
+    )
+    _add_trial_flags(ev)
+    ev.add_argument(
+        "--split", choices=("val", "test"), default="test", help="split to measure (test)"
+    )
+    ev.add_argument(
+        "--data-dir",
+        help=f"the study's Banking77 folder (default ${DATA_DIR_ENV}, else the Hub)",
+    )
+    ev.add_argument("--device", choices=DEVICES, default="auto", help="where to predict (auto)")
+    ev.add_argument(
+        "--out",
+        help="output folder (default artifacts/evaluations/<study>/trial-<N>-<split>); "
+        "an earlier evaluation there is replaced",
+    )
+    ev.set_defaults(run=_evaluate)
+
+    ex = sub.add_parser("export", help="write a trial's model as a standalone Hugging Face folder")
+    _add_trial_flags(ex)
+    ex.add_argument("--out", required=True, help="the folder to create (must not exist)")
+    ex.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the LoRA adapter into the base model (a full model, no peft needed)",
+    )
+    ex.set_defaults(run=_export)
+
+    pr = sub.add_parser("predict", help="classify texts with a folder written by export")
+    pr.add_argument("--model", required=True, help="a folder written by `export`")
+    pr.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
+    pr.add_argument("--input", help="a CSV file with a header and a 'text' column")
+    pr.add_argument("--top-k", type=int, default=3, help="intents shown per text (3)")
+    pr.add_argument("--device", choices=DEVICES, default="auto", help="where to predict (auto)")
+    pr.add_argument(
+        "--no-mixed-precision",
+        dest="mixed_precision",
+        action="store_false",
+        help="predict in fp32 even where bf16/fp16 autocast is available",
+    )
+    pr.set_defaults(run=_predict)
 
 
 def _config(args: argparse.Namespace):
@@ -130,6 +255,60 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    from study.dashboard import serve
+
+    return serve(args.storage, args.host, args.port, args.artifact_dir)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from study.evaluate import evaluate_trial
+
+    folder, doc = evaluate_trial(
+        args.storage,
+        args.artifact_dir,
+        args.study_name,
+        args.trial,
+        args.split,
+        args.data_dir,
+        args.device,
+        args.out,
+    )
+    stored = doc["stored"]
+    print(
+        f"{doc['study']} trial {doc['trial']} on {doc['split']} ({doc['examples']} examples, "
+        f"{doc['device']}): macro-F1 {doc['macro_f1']:.4f} (stored {_num(stored['macro_f1'])}), "
+        f"accuracy {doc['accuracy']:.4f} (stored {_num(stored['accuracy'])})"
+    )
+    print(f"wrote {folder}")
+    return 0
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _export(args: argparse.Namespace) -> int:
+    from study.winners import export_trial
+
+    name, trial, restored = export_trial(
+        args.storage, args.artifact_dir, args.study_name, args.trial, args.out, args.merge
+    )
+    kind = "adapter" if restored.info.mode == "lora" and not args.merge else "full model"
+    print(f"exported {name} trial {trial.number} ({kind}) to {args.out}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from study.predict import format_predictions, run_predict
+
+    predictions = run_predict(
+        args.model, args.texts, args.input, args.top_k, args.device, args.mixed_precision
+    )
+    print(format_predictions(predictions))
+    return 0
+
+
 def quiet_libraries() -> None:
     """Keep the terminal for progress and results: hide library notices users cannot act on."""
     import warnings
@@ -158,3 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from storage import describe_failure
+
+        message = describe_failure(e, getattr(args, "storage", None) or DEFAULT_URL)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2

@@ -7,8 +7,9 @@ the same name made with another model or data) is checked before the first write
 from __future__ import annotations
 
 import json
+import multiprocessing
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import optuna
@@ -28,9 +29,15 @@ from objectives.space import Space, load_space
 from objectives.train import detect_device, prepare
 from storage import get_storage, parse_url
 from study.config import BASELINE_SUFFIX, ConfigError, StudyConfig
+from study.notes import DashboardNotes
+from study.winners import keeping_weights
 
 OBJECTIVE_NAME = "val_macro_f1"
 DIRECTION = "maximize"
+
+
+class WorkerError(RuntimeError):
+    """A worker process of `--workers` died; its own output says why."""
 
 
 class MixingError(ConfigError):
@@ -151,21 +158,35 @@ def train_config(cfg: StudyConfig) -> TrainConfig:
 
 
 def ensure_baseline(
-    storage: optuna.storages.BaseStorage, cfg: StudyConfig, prep: Prepared
+    storage: optuna.storages.BaseStorage, cfg: StudyConfig, prep: Prepared, force: bool = False
 ) -> optuna.Study:
-    """Run the fixed full-FT baseline unless a complete (or running) one exists."""
+    """Run the fixed full-FT baseline unless one is complete or running.
+
+    A killed baseline is failed by the heartbeat and retried (its copy waits in the study). A
+    baseline that failed for a reason of its own (NaN, out of memory) is not retried here, where
+    it would fail again on every call; `force` (the `baseline` command) runs it again.
+    """
     study = open_study(
         storage, cfg.baseline_name, study_identity(cfg, prep, with_space=False), pruner=None
     )
     optuna.storages.fail_stale_trials(study)
-    states = {t.state for t in study.get_trials(deepcopy=False)}
+    trials = study.get_trials(deepcopy=False)
+    states = {t.state for t in trials}
     if TrialState.COMPLETE in states or TrialState.RUNNING in states:
+        return study
+    if trials and TrialState.WAITING not in states and not force:
+        reason = trials[-1].user_attrs.get("fail_reason", "see the study")
+        print(
+            f"warning: the baseline failed ({reason}); run `python -m study baseline` to retry",
+            file=sys.stderr,
+        )
         return study
     print(
         f"running the full fine-tuning baseline into study {cfg.baseline_name!r}", file=sys.stderr
     )
     objective = BaselineObjective(
-        baseline_config(cfg.epochs, cfg.seed, cfg.mixed_precision), prep.ctx
+        baseline_config(cfg.epochs, cfg.seed, cfg.mixed_precision),
+        keeping_weights(prep, cfg, always=True),  # the baseline keeps its weights whatever --keep
     )
     study.optimize(objective, n_trials=1, catch=TRIAL_FAILURES)
     return study
@@ -174,13 +195,56 @@ def ensure_baseline(
 def run_baseline(cfg: StudyConfig) -> optuna.Study:
     """The `baseline` command: the fixed full-FT run, once per storage and study name."""
     prep = prepare_run(cfg, need_space=False)
-    return ensure_baseline(get_storage(cfg.storage), cfg, prep)
+    return ensure_baseline(get_storage(cfg.storage, cfg.heartbeat), cfg, prep, force=True)
+
+
+def split_trials(n_trials: int, workers: int) -> list[int]:
+    """Trials per worker, summing exactly to n_trials (the first ones take the remainder)."""
+    base, extra = divmod(n_trials, workers)
+    return [base + (i < extra) for i in range(workers)]
+
+
+def optimize_worker(cfg: StudyConfig, n_trials: int, worker: int, prep: Prepared | None = None):
+    """One worker: its own sampler seed (so workers do not propose the same points), the study."""
+    prep = prep or prepare_run(cfg)
+    storage = get_storage(cfg.storage, cfg.heartbeat)
+    study = open_study(
+        storage,
+        cfg.study_name,
+        study_identity(cfg, prep, with_space=True),
+        sampler=make_sampler(cfg.sampler, cfg.sampler_base_seed + worker),
+        pruner=make_pruner(cfg.pruner, cfg.epochs),
+    )
+    objective = LoraObjective(prep.space, train_config(cfg), keeping_weights(prep, cfg))
+    study.optimize(
+        objective,
+        n_trials=n_trials,
+        timeout=cfg.timeout,
+        catch=TRIAL_FAILURES,
+        show_progress_bar=cfg.progress and worker == 0,
+        callbacks=[DashboardNotes(storage, cfg.baseline_name)],  # note + plots in the dashboard
+    )
+    return study
+
+
+def _spawned_worker(cfg: StudyConfig, n_trials: int, worker: int) -> None:
+    from study.cli import quiet_libraries
+
+    quiet_libraries()
+    try:
+        optimize_worker(replace(cfg, progress=False), n_trials, worker)
+    except KeyboardInterrupt:
+        sys.exit(130)  # the interrupted trial is already marked FAIL by Optuna
 
 
 def run_optimize(cfg: StudyConfig) -> tuple[optuna.Study, optuna.Study]:
-    """The `optimize` command: baseline first, then `cfg.n_trials` new LoRA trials."""
+    """The `optimize` command: baseline first, then `cfg.n_trials` new LoRA trials.
+
+    With `cfg.workers` > 1 the trials are shared among that many processes (this one included),
+    each with its own model copy, all writing to the same storage.
+    """
     prep = prepare_run(cfg)
-    storage = get_storage(cfg.storage)
+    storage = get_storage(cfg.storage, cfg.heartbeat)
     identity = study_identity(cfg, prep, with_space=True)
     # Check the LoRA study before anything (the baseline included) is written.
     try:
@@ -189,21 +253,26 @@ def run_optimize(cfg: StudyConfig) -> tuple[optuna.Study, optuna.Study]:
     except KeyError:
         pass
     baseline = ensure_baseline(storage, cfg, prep)
-    study = open_study(
-        storage,
-        cfg.study_name,
-        identity,
-        sampler=make_sampler(cfg.sampler, cfg.seed),
-        pruner=make_pruner(cfg.pruner, cfg.epochs),
-    )
-    objective = LoraObjective(prep.space, train_config(cfg), prep.ctx)
-    study.optimize(
-        objective,
-        n_trials=cfg.n_trials,
-        timeout=cfg.timeout,
-        catch=TRIAL_FAILURES,
-        show_progress_bar=cfg.progress,
-    )
+    lora = open_study(storage, cfg.study_name, identity)  # created here, before workers race for it
+    DashboardNotes(storage, cfg.baseline_name).refresh(lora)  # shown before the first trial ends
+    quotas = split_trials(cfg.n_trials, cfg.workers)
+    # spawn, not fork: CUDA and the tokenizer's threads do not survive a fork
+    mp = multiprocessing.get_context("spawn")
+    procs = [
+        mp.Process(target=_spawned_worker, args=(cfg, n, i), name=f"worker-{i}")
+        for i, n in enumerate(quotas)
+        if i > 0 and n > 0
+    ]
+    for p in procs:
+        p.start()
+    try:
+        study = optimize_worker(cfg, quotas[0], 0, prep)
+    finally:
+        for p in procs:
+            p.join()
+    failed = [p.name for p in procs if p.exitcode != 0]
+    if failed:
+        raise WorkerError(f"{', '.join(failed)} stopped with an error (see its output above)")
     return study, baseline
 
 
