@@ -4,6 +4,15 @@ It knows nothing of Optuna: the caller passes `on_epoch_end`, which may raise to
 (a pruner does). Batches come from length buckets prepared once per process (`prepare`), so a
 step pads to a multiple of 8 tokens instead of the longest text in a random batch, and the data
 lives on the device from the start: no per-step host-to-device copies and no per-step host sync.
+
+What a step computes is the model's function; how it computes it is cheaper where it can be:
+- BERT classifiers run through `objectives.fastbert`: no work on pad tokens on CPUs (packed
+  tokens), the last layer only for [CLS], LoRA updates fused into one matmul, and on CPUs
+  dropout masks from a seeded NumPy generator;
+- full fine-tuning on a CPU trains only the word-embedding rows the data uses and decays the
+  others lazily (`objectives.embedding_rows`), which is what dense AdamW does to them;
+- on CUDA, each bucket's forward and backward are replayed from a CUDA graph
+  (`objectives.graphs`), with an eager fallback wherever graphs do not apply.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ import math
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -21,6 +30,17 @@ from torch import nn
 
 from objectives.config import TrainConfig
 from objectives.data import Encoded, EncodedData
+from objectives.embedding_rows import UsedRows
+from objectives.fastbert import (
+    BertParts,
+    DropFn,
+    MaskSource,
+    bert_logits,
+    bert_parts,
+    no_dropout,
+    torch_dropout,
+)
+from objectives.graphs import capture_train_step
 from objectives.metrics import accuracy, confusion_matrix, macro_f1
 
 PAD_MULTIPLE = 8
@@ -193,18 +213,42 @@ class Evaluation:
     predictions: np.ndarray
 
 
+def make_forward(
+    model: nn.Module,
+    device: torch.device,
+    drop: DropFn = no_dropout,
+    parts: BertParts | None = None,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`(input_ids, attention_mask) -> logits`, through the lean BERT forward where it applies.
+
+    On CPUs the encoder runs on packed tokens (no work on pads); elsewhere it keeps the padded,
+    static shapes that GPUs and graph capture want. `drop` is the dropout of the lean forward
+    (`no_dropout` to evaluate); other models run their own forward and their own dropout.
+    `parts` overrides `bert_parts(model)`.
+    """
+    parts = parts or bert_parts(model)
+    if parts is None:
+        return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
+    packed = device.type == "cpu"
+    return lambda ids, mask: bert_logits(parts, ids, mask, packed, drop)
+
+
+def training_dropout(device: torch.device, seed: int) -> DropFn:
+    """Seeded NumPy masks on CPUs (cheaper than torch's CPU sampling), torch's dropout elsewhere."""
+    return MaskSource(seed) if device.type == "cpu" else torch_dropout
+
+
 @torch.no_grad()
 def predict(model: nn.Module, split: PreparedSplit, dtype: torch.dtype) -> np.ndarray:
     model.eval()
     device = split.buckets[0].input_ids.device if split.buckets else torch.device("cpu")
+    forward = make_forward(model, device)
     chunks, positions = [], []
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         for bucket in split.buckets:
             for start in range(0, len(bucket.labels), EVAL_BATCH):
                 sl = slice(start, start + EVAL_BATCH)
-                logits = model(
-                    input_ids=bucket.input_ids[sl], attention_mask=bucket.attention_mask[sl]
-                ).logits
+                logits = forward(bucket.input_ids[sl], bucket.attention_mask[sl])
                 chunks.append(logits.argmax(-1))
                 positions.append(bucket.index[sl])
     preds = np.empty(split.size, dtype=np.int64)
@@ -247,15 +291,25 @@ class TrainResult:
     peak_mem_mb: float
     device: str
     best_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    setup_time_s: float = 0.0  # once per run before the first epoch: CUDA graph capture
 
     @property
     def epochs_run(self) -> int:
         return len(self.history)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases and LayerNorm weights (as the HF Trainer does)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(
+    model: nn.Module,
+    cfg: TrainConfig,
+    device: torch.device,
+    params: list[nn.Parameter] | None = None,
+) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases and LayerNorm weights (as the HF Trainer does).
+
+    `params` replaces the model's trainable parameters (see `used_rows`).
+    """
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -275,6 +329,21 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
         num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
+
+
+def used_rows(model: nn.Module, parts: BertParts | None, data: PreparedData) -> UsedRows | None:
+    """Compact training of the word-embedding rows the training split uses (CPU full FT only).
+
+    On GPUs the dense table costs little next to the rest of a step, and the graph-captured
+    step keeps to the model's own parameters.
+    """
+    if parts is None or data.device.type != "cpu":
+        return None
+    embedding = parts.embeddings.word_embeddings
+    if not embedding.weight.requires_grad:
+        return None
+    used = torch.cat([b.input_ids[b.attention_mask.bool()] for b in data.train.buckets])
+    return UsedRows(embedding, used)
 
 
 def sync_device(device: torch.device) -> None:
@@ -307,10 +376,28 @@ def train(
     model.to(device)
 
     steps_per_epoch = sum(math.ceil(len(b.labels) / cfg.batch_size) for b in data.train.buckets)
-    optimizer = make_optimizer(model, cfg, device)
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
+    parts = bert_parts(model)
+    t_setup = time.perf_counter()
+    graphed = capture_train_step(model, parts, data.train.buckets, cfg.batch_size, dtype, device)
+    vocab = used_rows(model, parts, data) if graphed is None else None
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if vocab is not None:
+        parts = replace(parts, word_lookup=vocab.lookup)
+        trainable = [p for p in trainable if p is not vocab.weight] + [vocab.compact]
+    optimizer = make_optimizer(model, cfg, device, trainable)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
+    forward = make_forward(model, device, training_dropout(device, cfg.seed), parts)
+    setup_time = time.perf_counter() - t_setup
 
+    def eager_step(b: int, rows: torch.Tensor) -> torch.Tensor:
+        bucket = data.train.buckets[b]
+        with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
+            logits = forward(bucket.input_ids[rows], bucket.attention_mask[rows])
+        loss = F.cross_entropy(logits.float(), bucket.labels[rows])
+        scaler.scale(loss).backward()
+        return loss.detach()
+
+    step_fn = graphed if graphed is not None else eager_step
     history: list[EpochResult] = []
     best: EpochResult | None = None
     best_state: dict[str, torch.Tensor] = {}
@@ -320,26 +407,25 @@ def train(
         model.train()
         sync_device(device)
         t0 = time.perf_counter()
+        batches = epoch_batches(data.train, cfg.batch_size, gen)
+        if graphed is not None:
+            batches = [(b, graphed.fill(b, rows)) for b, rows in batches]
         loss_sum = torch.zeros((), device=device)
-        for step, (b, rows) in enumerate(epoch_batches(data.train, cfg.batch_size, gen), 1):
-            bucket = data.train.buckets[b]
-            rows = rows.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
-                logits = model(
-                    input_ids=bucket.input_ids[rows], attention_mask=bucket.attention_mask[rows]
-                ).logits
-            loss = F.cross_entropy(logits.float(), bucket.labels[rows])
-            scaler.scale(loss).backward()
+        for step, (b, rows) in enumerate(_rows_to_device(batches, device), 1):
+            loss_sum += step_fn(b, rows)
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            if vocab is not None:
+                vocab.record_step(optimizer.param_groups[0]["lr"], cfg.weight_decay)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
             if step % NAN_CHECK_EVERY == 0:
                 _check_finite(loss_sum, epoch, step)
         _check_finite(loss_sum, epoch, steps_per_epoch)
+        if vocab is not None:
+            vocab.write_back()  # the model's table is current before anyone reads it
         sync_device(device)
         train_time += time.perf_counter() - t0
 
@@ -371,10 +457,25 @@ def train(
         test_accuracy=accuracy(data.test.labels, test_preds),
         test_confusion=confusion_matrix(data.test.labels, test_preds, data.num_labels),
         train_time_s=train_time,
+        setup_time_s=setup_time,
         peak_mem_mb=peak_memory_mb(device),
         device=str(device),
         best_state=best_state,
     )
+
+
+def _rows_to_device(
+    batches: list[tuple[int, torch.Tensor]], device: torch.device
+) -> list[tuple[int, torch.Tensor]]:
+    """The epoch's row indices on the device in one copy, not one small copy per step."""
+    if device.type == "cpu" or not batches:
+        return batches
+    rows = torch.cat([r for _, r in batches])
+    if device.type == "cuda":
+        rows = rows.pin_memory()  # so the copy does not wait for the host
+    rows = rows.to(device, non_blocking=True)
+    sizes = [len(r) for _, r in batches]
+    return list(zip([b for b, _ in batches], rows.split(sizes), strict=True))
 
 
 def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
