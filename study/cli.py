@@ -16,6 +16,7 @@ from objectives.space import SpaceError
 from objectives.train import DeviceError
 from objectives.weights import WeightsError
 from storage import DEFAULT_URL, StorageError, redact
+from study.bench import add_bench_command
 from study.config import (
     DEVICES,
     KEEP_POLICIES,
@@ -135,6 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(base)
     base.set_defaults(run=_baseline)
 
+    con = sub.add_parser(
+        "confirm",
+        help="re-train the best LoRA trials and the baseline with several seeds (<name>-confirm)",
+    )
+    _add_run_flags(con)
+    con.add_argument(
+        "--top", type=int, default=3, help="how many of the best COMPLETE LoRA trials (3)"
+    )
+    con.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="seeds per configuration (3): --seed + 1 ... --seed + S, the same for every one",
+    )
+    con.set_defaults(run=_confirm)
+
     rep = sub.add_parser("report", help="write importance and Pareto reports for a study")
     rep.add_argument("--study-name", default="banking77", help="the LoRA study (banking77)")
     rep.add_argument("--storage", default=DEFAULT_URL, help=f"Optuna storage URL ({DEFAULT_URL})")
@@ -154,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     dash.set_defaults(run=_dashboard)
 
     _add_winner_commands(sub)
+    add_bench_command(sub)
     return parser
 
 
@@ -241,16 +259,35 @@ def _baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _confirm(args: argparse.Namespace) -> int:
+    from study.confirm import run_confirm
+    from study.table import format_confirm_table
+
+    cfg = _config(args)
+    study, _ = run_confirm(cfg, args.top, args.seeds, epochs=args.epochs)
+    where = f"{study.study_name!r} in {redact(cfg.storage)}"
+    print(f"\nstudy {where}: mean ± 95% interval half-width over seeds")
+    print(format_confirm_table(study.get_trials(deepcopy=False)))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import optuna
+
     from reports import write_reports
     from storage import get_storage
+    from study.confirm import confirm_name
     from study.runner import load_studies
 
-    study, baseline = load_studies(get_storage(args.storage, create=False), args.study_name)
+    storage = get_storage(args.storage, create=False)
+    study, baseline = load_studies(storage, args.study_name)
+    confirm = None
+    if confirm_name(args.study_name) in optuna.get_all_study_names(storage):
+        confirm = optuna.load_study(study_name=confirm_name(args.study_name), storage=storage)
     out = Path(args.out or f"artifacts/reports/{args.study_name}")
-    written = write_reports(study, baseline, out)
+    written = write_reports(study, baseline, out, confirm)
     print(f"wrote {len(written)} files to {out}; open {out / 'index.html'}")
     return 0
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from objectives.config import TrainConfig
@@ -206,6 +208,7 @@ def split_trials(n_trials: int, workers: int) -> list[int]:
 
 def optimize_worker(cfg: StudyConfig, n_trials: int, worker: int, prep: Prepared | None = None):
     """One worker: its own sampler seed (so workers do not propose the same points), the study."""
+    share_cpu_threads(cfg)
     prep = prep or prepare_run(cfg)
     storage = get_storage(cfg.storage, cfg.heartbeat)
     study = open_study(
@@ -227,6 +230,16 @@ def optimize_worker(cfg: StudyConfig, n_trials: int, worker: int, prep: Prepared
     return study
 
 
+def share_cpu_threads(cfg: StudyConfig) -> None:
+    """On a CPU, give each of `cfg.workers` processes its share of the cores.
+
+    Every process would otherwise start one PyTorch thread per core, and N workers would fight
+    over the cores N times over. GPUs are shared by the driver; nothing to do there.
+    """
+    if cfg.workers > 1 and detect_device(cfg.device).type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
+
+
 def _spawned_worker(cfg: StudyConfig, n_trials: int, worker: int) -> None:
     from study.cli import quiet_libraries
 
@@ -238,11 +251,7 @@ def _spawned_worker(cfg: StudyConfig, n_trials: int, worker: int) -> None:
 
 
 def run_optimize(cfg: StudyConfig) -> tuple[optuna.Study, optuna.Study]:
-    """The `optimize` command: baseline first, then `cfg.n_trials` new LoRA trials.
-
-    With `cfg.workers` > 1 the trials are shared among that many processes (this one included),
-    each with its own model copy, all writing to the same storage.
-    """
+    """The `optimize` command: baseline first, then `cfg.n_trials` new LoRA trials."""
     prep = prepare_run(cfg)
     storage = get_storage(cfg.storage, cfg.heartbeat)
     identity = study_identity(cfg, prep, with_space=True)
@@ -253,6 +262,14 @@ def run_optimize(cfg: StudyConfig) -> tuple[optuna.Study, optuna.Study]:
     except KeyError:
         pass
     baseline = ensure_baseline(storage, cfg, prep)
+    return run_workers(cfg, prep), baseline
+
+
+def run_workers(cfg: StudyConfig, prep: Prepared) -> optuna.Study:
+    """`cfg.n_trials` new LoRA trials, shared among `cfg.workers` processes (this one included),
+    each with its own model copy, all writing to the same storage."""
+    storage = get_storage(cfg.storage, cfg.heartbeat)
+    identity = study_identity(cfg, prep, with_space=True)
     lora = open_study(storage, cfg.study_name, identity)  # created here, before workers race for it
     DashboardNotes(storage, cfg.baseline_name).refresh(lora)  # shown before the first trial ends
     quotas = split_trials(cfg.n_trials, cfg.workers)
@@ -273,7 +290,7 @@ def run_optimize(cfg: StudyConfig) -> tuple[optuna.Study, optuna.Study]:
     failed = [p.name for p in procs if p.exitcode != 0]
     if failed:
         raise WorkerError(f"{', '.join(failed)} stopped with an error (see its output above)")
-    return study, baseline
+    return study
 
 
 def load_studies(
