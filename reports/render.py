@@ -23,7 +23,7 @@ from reports.importance import ImportanceResult
 from reports.records import TrialRecord
 from reports.tables import Findings
 
-F1_COLUMNS = {"val_f1", "test_f1", "val_accuracy", "test_accuracy"}
+F1_COLUMNS = {"val_f1", "test_f1", "val_accuracy", "test_accuracy", "val_f1_mean", "test_f1_mean"}
 COUNT_COLUMNS = {"trainable_params", "total_params"}
 
 
@@ -204,6 +204,17 @@ class ReportContent:
     importance: ImportanceResult
     findings: Sequence[str]
     sections: Sequence[Section]
+    confirmation: Confirmation | None = None
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """The seed repeats of `confirm`: the verdict and method lines, then one row per config."""
+
+    study: str
+    lines: Sequence[str]
+    columns: Sequence[str]
+    rows: Sequence[Mapping[str, Any]]
 
 
 IMPORTANCE_COLUMNS = ("evaluator", "rank", "param", "importance")
@@ -237,6 +248,12 @@ def report_markdown(content: ReportContent) -> str:
             out.append(f"- {section.title}: {section.note}")
     out.append("\n## Findings\n")
     out.extend(f"- {line}" for line in content.findings)
+    if content.confirmation is not None:
+        c = content.confirmation
+        out.append(f"\n## Confirmation: seed repeats ({c.study})\n")
+        out.extend(f"- {line}" for line in c.lines)
+        out.append("")
+        out.append(markdown_table(c.columns, c.rows))
     return "\n".join(out) + "\n"
 
 
@@ -272,6 +289,12 @@ def report_html(content: ReportContent) -> str:
         parts.append(f"<div class='notes' id='notes'><b>Notes</b><ul>{items}</ul></div>")
     items = "".join(f"<li>{esc(line)}</li>" for line in content.findings)
     parts.append(f"<h2>Findings</h2><ul id='findings'>{items}</ul>")
+    if content.confirmation is not None:
+        c = content.confirmation
+        items = "".join(f"<li>{esc(line)}</li>" for line in c.lines)
+        parts.append(f"<h2>Confirmation: seed repeats ({esc(c.study)})</h2>")
+        parts.append(f"<ul id='confirmation'>{items}</ul>")
+        parts.append(f"<div class='scroll'>{html_table(c.columns, c.rows)}</div>")
     for i, section in enumerate(content.sections):
         parts.append(f"<div class='figure'><h2>{esc(section.title)}</h2>")
         if section.figure is not None:

@@ -18,11 +18,13 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial
 
 from reports import figures, png
+from reports.confirm import CONFIRM_COLUMNS, confirm_rows, confirmed_configs, verdict
 from reports.importance import ImportanceResult, param_importances
 from reports.perclass import Confusion, compare_per_class, confusion_of, unmatched_labels
 from reports.records import TrialRecord, to_records
 from reports.render import (
     IMPORTANCE_COLUMNS,
+    Confirmation,
     ReportContent,
     Section,
     findings_lines,
@@ -247,12 +249,34 @@ def _overview_sections(
     return drawn
 
 
+CONFIRM_METHOD = (
+    "Method: each configuration was trained again with the seeds shown; intervals are 95% t "
+    "intervals of the mean over seeds; the best LoRA configuration (highest mean validation F1) "
+    "is compared with the baseline by Welch's t interval for the difference of mean test "
+    "macro-F1. Seeds cover training noise on fixed splits, not test-set sampling noise."
+)
+
+
+def _confirmation(confirm: optuna.Study) -> Confirmation:
+    configs = confirmed_configs(confirm.get_trials(deepcopy=False))
+    return Confirmation(
+        confirm.study_name,
+        [verdict(configs).text, CONFIRM_METHOD],
+        list(CONFIRM_COLUMNS),
+        confirm_rows(configs),
+    )
+
+
 def write_reports(
-    study: optuna.Study, baseline: optuna.Study | None, out_dir: Path | str
+    study: optuna.Study,
+    baseline: optuna.Study | None,
+    out_dir: Path | str,
+    confirm: optuna.Study | None = None,
 ) -> list[Path]:
     """Write summary.csv, pareto_params.csv, pareto_time.csv, importance.csv, the PNG plots,
     index.html and REPORT.md for `study` (and its full fine-tuning `baseline`, if any) into
-    `out_dir`, created if needed. Returns the paths written."""
+    `out_dir`, created if needed; with the `confirm` study of seed repeats also confirm.csv and
+    a confirmation section. Returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     study_trials = study.get_trials(deepcopy=False)
@@ -285,6 +309,11 @@ def write_reports(
     written.append(
         write_csv(out / "importance.csv", IMPORTANCE_COLUMNS, importance_rows(importance))
     )
+    confirmation = _confirmation(confirm) if confirm is not None else None
+    if confirmation is not None:
+        written.append(write_csv(out / "confirm.csv", confirmation.columns, confirmation.rows))
+    else:
+        (out / "confirm.csv").unlink(missing_ok=True)
 
     drawn = _overview_sections(records, importance)
     drawn.extend(_per_class_sections(findings, study_trials, baseline_trials, notes))
@@ -320,6 +349,7 @@ def write_reports(
         importance=importance,
         findings=findings_lines(findings),
         sections=[section for section, _ in drawn],
+        confirmation=confirmation,
     )
     index = out / "index.html"
     index.write_text(report_html(content), encoding="utf-8")

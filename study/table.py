@@ -47,3 +47,45 @@ def format_table(lora: Sequence[FrozenTrial], baseline: Sequence[FrozenTrial], t
     lines = ["  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths, strict=True))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
+
+
+def _pm(interval, fmt: str) -> str:
+    """`mean ± half-width` of a 95% interval (`mean` alone with one seed)."""
+    if interval is None:
+        return "-"
+    half = interval.half_width
+    return format(interval.mean, fmt) + ("" if half is None else " ± " + format(half, fmt))
+
+
+def format_confirm_table(trials: Sequence[FrozenTrial]) -> str:
+    """The confirmed configurations in the reference's columns: mean ± 95% half-width over seeds,
+    then the verdict on the best LoRA configuration against the baseline."""
+    from reports.confirm import confirmed_configs, verdict
+
+    configs = confirmed_configs(trials)
+    if not configs:
+        return "no COMPLETE confirmation run yet"
+    columns = ("source", "seeds", *COLUMNS)
+    rows = []
+    for c in configs:
+        p = c.params
+        rows.append(
+            [
+                f"{c.source_study}#{c.source_trial}",
+                str(len(c.seeds)),
+                c.mode,
+                str(p.get("lora_r", "-")),
+                format(p["learning_rate"], ".2e") if "learning_rate" in p else "-",
+                str(p.get("lr_scheduler", "-")),
+                format(c.trainable_params, ",") if c.trainable_params is not None else "-",
+                "-",
+                format(c.trainable_share_pct, ".2f") if c.trainable_share_pct is not None else "-",
+                _pm(c.train_time_s, ".1f"),
+                _pm(c.val_f1, ".4f"),
+                _pm(c.test_f1, ".4f"),
+            ]
+        )
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(columns)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines) + "\n" + verdict(configs).text

@@ -1,0 +1,210 @@
+"""Seed repeats of the best configurations (`python -m study confirm`): means, intervals, verdict.
+
+Pure functions over the `<NAME>-confirm` study's trials. Runs are grouped by their source trial;
+each group gives, over its seeds, the mean and a 95% t interval (mean +/- t(0.975, n-1) * s/sqrt(n))
+of validation and test macro-F1 and of training time. The best LoRA configuration is the group
+with the highest mean validation F1 (test F1 never chooses). It is compared with the baseline by
+Welch's t interval for the difference of mean test macro-F1 (unequal variances, Welch-Satterthwaite
+degrees of freedom): the two are called distinguishable when that 95% interval excludes zero.
+A seed interval covers training noise (initialisation, dropout, batch order) on fixed data
+splits; it does not cover the sampling noise of the test set itself.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+from scipy import stats
+
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float | None  # None with fewer than two values
+    high: float | None
+    n: int
+
+    @property
+    def half_width(self) -> float | None:
+        return None if self.high is None else self.high - self.mean
+
+
+def t_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
+    """Mean and the two-sided t interval of the mean."""
+    if not values:
+        raise ValueError("no values")
+    n, mean = len(values), statistics.fmean(values)
+    if n < 2:
+        return Interval(mean, None, None, n)
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def welch_interval(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> Interval:
+    """Mean of a minus mean of b, with Welch's t interval (None bounds: too few values)."""
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return Interval(diff, None, None, min(len(a), len(b)))
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        return Interval(diff, diff, diff, min(len(a), len(b)))
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = stats.t.ppf(0.5 + level / 2, dof) * se
+    return Interval(diff, diff - half, diff + half, min(len(a), len(b)))
+
+
+@dataclass(frozen=True)
+class ConfirmedConfig:
+    """One source trial's configuration, re-trained with several seeds."""
+
+    source_study: str
+    source_trial: int
+    mode: str
+    params: dict[str, Any]
+    seeds: tuple[int, ...]
+    val_f1: Interval
+    test_f1: Interval | None
+    train_time_s: Interval | None
+    trainable_params: int | None
+    trainable_share_pct: float | None
+    test_values: tuple[float, ...]
+
+    @property
+    def label(self) -> str:
+        kind = "baseline" if self.mode == "full" else "LoRA"
+        return f"{kind} {self.source_study}#{self.source_trial}"
+
+
+def _values(trials: Sequence[FrozenTrial], key: str) -> list[float]:
+    return [float(t.user_attrs[key]) for t in trials if t.user_attrs.get(key) is not None]
+
+
+def confirmed_configs(trials: Sequence[FrozenTrial]) -> list[ConfirmedConfig]:
+    """COMPLETE runs grouped by source trial (the first run of each seed), best mean val F1
+    first."""
+    groups: dict[tuple[str, int], dict[int, FrozenTrial]] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state != TrialState.COMPLETE or t.value is None:
+            continue
+        attrs = t.user_attrs
+        if "source_study" not in attrs or "seed" not in attrs:
+            continue
+        runs = groups.setdefault((attrs["source_study"], int(attrs["source_trial"])), {})
+        runs.setdefault(int(attrs["seed"]), t)
+    out = []
+    for (study, number), by_seed in groups.items():
+        runs = [by_seed[s] for s in sorted(by_seed)]
+        first = runs[0].user_attrs
+        test, time_s = _values(runs, "test_f1"), _values(runs, "train_time_s")
+        out.append(
+            ConfirmedConfig(
+                source_study=study,
+                source_trial=number,
+                mode=first.get("source_mode", first.get("mode", "lora")),
+                params=dict(first.get("source_params", runs[0].params)),
+                seeds=tuple(sorted(by_seed)),
+                val_f1=t_interval([float(t.value) for t in runs]),
+                test_f1=t_interval(test) if test else None,
+                train_time_s=t_interval(time_s) if time_s else None,
+                trainable_params=first.get("trainable_params"),
+                trainable_share_pct=first.get("trainable_share_pct"),
+                test_values=tuple(test),
+            )
+        )
+    return sorted(out, key=lambda c: (-c.val_f1.mean, c.source_study, c.source_trial))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    lora: ConfirmedConfig | None
+    baseline: ConfirmedConfig | None
+    test_diff: Interval | None  # best LoRA minus baseline, mean test macro-F1
+    text: str
+
+
+def verdict(configs: Sequence[ConfirmedConfig]) -> Verdict:
+    """Whether the best confirmed LoRA configuration is distinguishable from full fine-tuning."""
+    lora = next((c for c in configs if c.mode != "full"), None)
+    base = next((c for c in configs if c.mode == "full"), None)
+    if lora is None or base is None:
+        missing = "LoRA configuration" if lora is None else "baseline"
+        return Verdict(lora, base, None, f"No comparison: no confirmed {missing} yet.")
+    if len(lora.test_values) < 2 or len(base.test_values) < 2:
+        return Verdict(
+            lora,
+            base,
+            None,
+            f"Cannot tell: {lora.label} and the baseline need at least two seeds each with a "
+            "test F1 for an interval.",
+        )
+    diff = welch_interval(lora.test_values, base.test_values)
+    assert diff.low is not None and diff.high is not None
+    span = f"{diff.mean:+.4f} (95% CI {diff.low:+.4f} to {diff.high:+.4f})"
+    seeds = f"{len(lora.test_values)} and {len(base.test_values)} seeds"
+    if diff.low > 0 or diff.high < 0:
+        side = "above" if diff.low > 0 else "below"
+        text = (
+            f"Distinguishable: the best LoRA configuration ({lora.label}) is {side} full "
+            f"fine-tuning on test macro-F1, difference {span}, Welch t interval over {seeds}."
+        )
+    else:
+        text = (
+            f"Not distinguishable: the best LoRA configuration ({lora.label}) and full "
+            f"fine-tuning differ by {span} in test macro-F1 (Welch t interval over {seeds}); "
+            "the interval includes zero."
+        )
+    return Verdict(lora, base, diff, text)
+
+
+CONFIRM_COLUMNS = (
+    "configuration",
+    "params",
+    "seeds",
+    "val_f1_mean",
+    "val_f1_ci",
+    "test_f1_mean",
+    "test_f1_ci",
+    "train_time_s_mean",
+    "train_time_s_ci",
+    "trainable_params",
+    "trainable_share_pct",
+)
+
+
+def _ci(interval: Interval | None, digits: int) -> str | None:
+    if interval is None or interval.low is None or interval.high is None:
+        return None
+    return f"[{interval.low:.{digits}f}, {interval.high:.{digits}f}]"
+
+
+def confirm_rows(configs: Sequence[ConfirmedConfig]) -> list[dict[str, Any]]:
+    """One row per configuration: means and 95% intervals (text) for the tables."""
+    rows = []
+    for c in configs:
+        rows.append(
+            {
+                "configuration": c.label,
+                "params": ", ".join(
+                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in c.params.items()
+                ),
+                "seeds": len(c.seeds),
+                "val_f1_mean": round(c.val_f1.mean, 4),
+                "val_f1_ci": _ci(c.val_f1, 4),
+                "test_f1_mean": round(c.test_f1.mean, 4) if c.test_f1 else None,
+                "test_f1_ci": _ci(c.test_f1, 4),
+                "train_time_s_mean": round(c.train_time_s.mean, 1) if c.train_time_s else None,
+                "train_time_s_ci": _ci(c.train_time_s, 1),
+                "trainable_params": c.trainable_params,
+                "trainable_share_pct": c.trainable_share_pct,
+            }
+        )
+    return rows

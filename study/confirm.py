@@ -1,0 +1,195 @@
+"""`python -m study confirm`: re-train the best LoRA trials and the baseline with several seeds.
+
+A study ranks trials by single runs, and the ranking's top is partly luck: the seed that picked
+the winner also flattered it. `confirm` takes the K best COMPLETE LoRA trials of a study (by
+validation F1, never test F1) and the COMPLETE baseline, and trains each configuration again with
+S fresh seeds (`--seed` + 1 ... `--seed` + S, the same seeds for every configuration). The runs
+are trials of the study `<NAME>-confirm` in the same storage; each records its source study and
+trial number and its seed (`source_study`, `source_trial`, `seed`), plus the usual attributes.
+
+Runs are queued as WAITING trials first, so an interrupted `confirm` resumes where it stopped: a
+rerun queues only the runs that are neither COMPLETE nor queued nor running, and a run whose
+worker died is failed by the heartbeat and queued again (as in `optimize`). The statistics over
+the seeds are in `reports.confirm`; `report` shows them.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from objectives.config import TrainConfig
+from objectives.objective import TRIAL_FAILURES, RunContext, baseline_config, run_trial
+from storage import get_storage
+from study.config import ConfigError, StudyConfig
+from study.runner import (
+    Prepared,
+    check_identity,
+    load_studies,
+    open_study,
+    prepare_run,
+    study_identity,
+)
+from study.table import best_trials
+
+CONFIRM_SUFFIX = "-confirm"
+JOB_KEYS = ("source_study", "source_trial", "seed")
+
+
+def confirm_name(study_name: str) -> str:
+    return study_name + CONFIRM_SUFFIX
+
+
+@dataclass(frozen=True)
+class Job:
+    """One re-training run: a source trial's configuration with one seed."""
+
+    source_study: str
+    source_trial: int
+    mode: str  # lora or full
+    params: dict[str, Any]  # the source trial's parameters (TrainConfig field names)
+    epochs: int
+    seed: int
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.source_study, self.source_trial, self.seed)
+
+    def user_attrs(self) -> dict[str, Any]:
+        return {
+            "source_study": self.source_study,
+            "source_trial": self.source_trial,
+            "seed": self.seed,
+            "source_mode": self.mode,
+            "source_epochs": self.epochs,
+            "source_params": self.params,
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> Job | None:
+        """The job a queued trial names, or None for a trial that names none."""
+        try:
+            return cls(
+                attrs["source_study"],
+                int(attrs["source_trial"]),
+                attrs["source_mode"],
+                dict(attrs["source_params"]),
+                int(attrs["source_epochs"]),
+                int(attrs["seed"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def _epochs(trial: FrozenTrial, fallback: int) -> int:
+    return int(trial.user_attrs.get("max_epochs", fallback))
+
+
+def plan_jobs(
+    lora: optuna.Study, baseline: optuna.Study, top: int, seeds: list[int], epochs: int | None
+) -> list[Job]:
+    """Every run the confirmation needs: top LoRA trials and the baseline, each with every seed.
+
+    `epochs` None trains as many epochs as the source trial was given (`max_epochs`).
+    """
+    chosen = best_trials(lora.get_trials(deepcopy=False), top)
+    if not chosen:
+        raise ConfigError(f"study {lora.study_name!r} has no COMPLETE LoRA trial to confirm")
+    base = best_trials(baseline.get_trials(deepcopy=False), 1)
+    if not base:
+        raise ConfigError(
+            f"study {baseline.study_name!r} has no COMPLETE baseline; run `optimize` or "
+            "`baseline` first"
+        )
+    jobs = []
+    for study, trials, mode in ((lora, chosen, "lora"), (baseline, base, "full")):
+        for t in trials:
+            n_epochs = epochs or _epochs(t, 6)
+            for seed in seeds:
+                jobs.append(Job(study.study_name, t.number, mode, dict(t.params), n_epochs, seed))
+    return jobs
+
+
+def _fixed_params(trial: optuna.Trial, params: dict[str, Any]) -> None:
+    """Record the source's parameters as single-valued distributions (shown in the dashboard)."""
+    for name, value in params.items():
+        if isinstance(value, bool | str):
+            trial.suggest_categorical(name, [value])
+        elif isinstance(value, int):
+            trial.suggest_int(name, value, value)
+        else:
+            trial.suggest_float(name, value, value)
+
+
+@dataclass(frozen=True)
+class ConfirmObjective:
+    """Trains the job a queued trial names (its user attributes), without pruning.
+
+    The job is read from the trial, not from this call's plan, so runs queued by an earlier call
+    (another --top or --seeds, or a dead worker's run queued again) are trained as queued.
+    """
+
+    ctx: RunContext
+    mixed_precision: bool
+
+    def config(self, job: Job) -> TrainConfig:
+        if job.mode == "full":
+            cfg = baseline_config(job.epochs, job.seed, self.mixed_precision)
+            return replace(cfg, **job.params)
+        base = TrainConfig(epochs=job.epochs, seed=job.seed, mixed_precision=self.mixed_precision)
+        return replace(base, mode="lora", **job.params)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        job = Job.from_attrs(trial.user_attrs)
+        if job is None:  # only queued trials are run; this would be a bug
+            raise RuntimeError(f"trial {trial.number} of {trial.study.study_name} names no run")
+        _fixed_params(trial, job.params)
+        return run_trial(trial, self.config(job), self.ctx, prune=False)
+
+
+def queue_jobs(study: optuna.Study, jobs: list[Job]) -> int:
+    """Queue the jobs not yet COMPLETE, queued or running; return how many are WAITING now."""
+    optuna.storages.fail_stale_trials(study)  # a dead worker's run: FAIL, and queued again
+    active = (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
+    taken = {
+        tuple(t.user_attrs.get(k) for k in JOB_KEYS)
+        for t in study.get_trials(deepcopy=False, states=active)
+    }
+    for job in jobs:
+        if job.key not in taken:
+            study.enqueue_trial({}, user_attrs=job.user_attrs())
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def run_confirm(
+    cfg: StudyConfig, top: int, n_seeds: int, epochs: int | None, prep: Prepared | None = None
+) -> tuple[optuna.Study, list[Job]]:
+    """The `confirm` command: queue the runs, then train every queued one."""
+    if top < 1 or n_seeds < 1:
+        raise ConfigError("--top and --seeds must be at least 1")
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1, got {epochs}")
+    storage = get_storage(cfg.storage, cfg.heartbeat, create=False)
+    lora, baseline = load_studies(storage, cfg.study_name)
+    if baseline is None:
+        raise ConfigError(f"no baseline study {cfg.baseline_name!r} in this storage")
+    prep = prep or prepare_run(cfg, need_space=False)
+    identity = study_identity(cfg, prep, with_space=False)
+    check_identity(cfg.study_name, lora, identity)  # same model and data, or refuse
+    seeds = [cfg.seed + 1 + i for i in range(n_seeds)]
+    jobs = plan_jobs(lora, baseline, top, seeds, epochs)
+    study = open_study(storage, confirm_name(cfg.study_name), identity, pruner=None)
+    waiting = queue_jobs(study, jobs)
+    print(
+        f"confirm: {len(jobs)} runs ({top} best LoRA trial(s) and the baseline, seeds "
+        f"{seeds[0]}..{seeds[-1]}) into {study.study_name!r}; {waiting} to train now",
+        file=sys.stderr,
+    )
+    objective = ConfirmObjective(prep.ctx, cfg.mixed_precision)
+    if waiting:
+        study.optimize(objective, n_trials=waiting, catch=TRIAL_FAILURES)
+    return study, jobs
