@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 LORA_TARGETS = {
-    # peft matches by module-name suffix: "dense" also hits the FFN and pooler dense layers.
+    # peft matches module names by suffix. The reference runs' "query,key,value,dense" hits every
+    # linear layer of BERT ("dense" is also the FFN's and the pooler's), so it is `all_linear`;
+    # `attention_dense` is the attention block alone: Q, K, V and its output projection.
     "attention": "query,key,value",
-    "attention_dense": "query,key,value,dense",
+    "attention_dense": "query,key,value,attention.output.dense",
     "all_linear": "all-linear",
 }
 
@@ -32,7 +34,7 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha_ratio: float = 2.0  # alpha = ratio x rank; the reference used alpha = 2r
     lora_dropout: float = 0.05
-    target_modules: str = "attention_dense"  # a key of LORA_TARGETS
+    target_modules: str = "all_linear"  # a key of LORA_TARGETS; for BERT the reference's set
     lora_bias: str = "lora_only"  # peft `bias`: biases of adapted layers are trained too
     use_rslora: bool = False
     use_dora: bool = False

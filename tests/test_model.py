@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -53,3 +54,45 @@ def test_head_init_follows_the_seed_and_base_is_untouched(bert_base) -> None:
     assert torch.equal(a.classifier.weight, b.classifier.weight)
     assert not torch.equal(a.classifier.weight, c.classifier.weight)
     assert torch.equal(bert_base.classifier.weight, before)
+
+
+def closed_form(r: int, targets: str, dora: bool, hidden=768, inner=3072, layers=12, labels=77):
+    """(trainable, added) for every target set of the extended space, with or without DoRA.
+
+    Each adapted layer in->out adds A (r x in) and B (out x r); bias=lora_only trains its bias;
+    DoRA adds a trainable magnitude per output feature. rsLoRA changes the scaling only.
+    """
+    attention = [(hidden, hidden)] * 3  # query, key, value
+    per_layer = {
+        "attention": attention,
+        "attention_dense": attention + [(hidden, hidden)],  # + attention.output.dense
+        "all_linear": attention + [(hidden, hidden), (hidden, inner), (inner, hidden)],
+    }[targets]
+    adapted = per_layer * layers + ([(hidden, hidden)] if targets == "all_linear" else [])
+    adapters = sum(r * (i + o) + (o if dora else 0) for i, o in adapted)
+    biases = sum(o for _, o in adapted)
+    head = hidden * labels + labels
+    return adapters + biases + head, adapters + head
+
+
+@pytest.mark.parametrize("targets", ["attention", "attention_dense", "all_linear"])
+@pytest.mark.parametrize("dora", [False, True])
+def test_every_extended_choice_counts_as_its_closed_form(bert_base, targets, dora) -> None:
+    cfg = replace(LORA_DEFAULTS, lora_r=8, target_modules=targets, use_dora=dora, use_rslora=True)
+    counts = count_params(build_model(bert_base, cfg))
+    trainable, added = closed_form(8, targets, dora)
+    assert (counts.trainable, counts.total) == (trainable, 109_541_453 + added)
+
+
+def test_default_targets_are_the_reference_runs_set(bert_base) -> None:
+    """The reference's query,key,value,dense hits every linear layer of BERT: all_linear."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    ref = LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=16, lora_alpha=32,
+        target_modules=["query", "key", "value", "dense"], bias="lora_only",
+        modules_to_save=["classifier"],
+    )  # fmt: skip
+    expected = count_params(get_peft_model(copy.deepcopy(bert_base), ref))
+    assert LORA_DEFAULTS.target_modules == "all_linear"
+    assert count_params(build_model(bert_base, LORA_DEFAULTS)) == expected
