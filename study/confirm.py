@@ -114,20 +114,13 @@ def plan_jobs(
     return jobs
 
 
-def _fixed_params(trial: optuna.Trial, params: dict[str, Any]) -> None:
-    """Record the source's parameters as single-valued distributions (shown in the dashboard)."""
-    for name, value in params.items():
-        if isinstance(value, bool | str):
-            trial.suggest_categorical(name, [value])
-        elif isinstance(value, int):
-            trial.suggest_int(name, value, value)
-        else:
-            trial.suggest_float(name, value, value)
-
-
 @dataclass(frozen=True)
 class ConfirmObjective:
     """Trains the job a queued trial names (its user attributes), without pruning.
+
+    The configuration stays in the user attribute `source_params`, not in trial parameters: one
+    study holds LoRA and baseline runs, whose parameters Optuna would refuse to mix (a
+    categorical `lr_scheduler` with other choices, `batch_size` sampled as int or categorical).
 
     The job is read from the trial, not from this call's plan, so runs queued by an earlier call
     (another --top or --seeds, or a dead worker's run queued again) are trained as queued.
@@ -147,7 +140,6 @@ class ConfirmObjective:
         job = Job.from_attrs(trial.user_attrs)
         if job is None:  # only queued trials are run; this would be a bug
             raise RuntimeError(f"trial {trial.number} of {trial.study.study_name} names no run")
-        _fixed_params(trial, job.params)
         return run_trial(trial, self.config(job), self.ctx, prune=False)
 
 

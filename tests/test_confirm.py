@@ -138,7 +138,7 @@ def test_confirm_end_to_end_resume_and_report(
         src = t.user_attrs["source_study"], t.user_attrs["source_trial"]
         if src[0] == "banking77":
             source_trial = source.trials[src[1]]
-            assert t.params == source_trial.params  # the source's configuration, fixed
+            assert t.user_attrs["source_params"] == source_trial.params
             assert t.user_attrs["mode"] == "lora"
         else:
             assert t.user_attrs["mode"] == "full"
@@ -184,6 +184,28 @@ def test_interrupted_confirm_trains_only_what_is_missing(
     assert main([*argv, "--epochs", "1"]) == 0
     trials = confirm.get_trials(deepcopy=False)
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+
+
+def test_one_confirm_study_holds_configurations_with_different_choices(
+    tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """LoRA runs with different schedulers and a baseline with an int batch size, side by side
+    (as parameters, Optuna would refuse a categorical with other choices in the same study)."""
+    from helpers import tiny_context
+
+    lora = {"lora_r": 4, "learning_rate": 1e-3}
+    jobs = [
+        Job("s", 0, "lora", {**lora, "lr_scheduler": "linear"}, 1, 43),
+        Job("s", 1, "lora", {**lora, "lr_scheduler": "cosine", "batch_size": 16}, 1, 43),
+        Job("s-full-ft", 0, "full", {"lr_scheduler": "linear", "batch_size": 32}, 1, 43),
+    ]
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/c.db", direction="maximize")
+    assert queue_jobs(study, jobs) == 3
+    study.optimize(ConfirmObjective(tiny_context(tiny_data_dir, tiny_model_dir), False), 3)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert [Job.from_attrs(t.user_attrs) for t in trials] == jobs
+    assert [t.user_attrs["mode"] for t in trials] == ["lora", "lora", "full"]
 
 
 def test_confirm_refuses_bad_input_and_writes_nothing(
