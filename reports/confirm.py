@@ -74,6 +74,7 @@ class ConfirmedConfig:
     test_f1: Interval | None
     train_time_s: Interval | None
     trainable_params: int | None
+    total_params: int | None
     trainable_share_pct: float | None
     test_values: tuple[float, ...]
 
@@ -115,6 +116,7 @@ def confirmed_configs(trials: Sequence[FrozenTrial]) -> list[ConfirmedConfig]:
                 test_f1=t_interval(test) if test else None,
                 train_time_s=t_interval(time_s) if time_s else None,
                 trainable_params=first.get("trainable_params"),
+                total_params=first.get("total_params"),
                 trainable_share_pct=first.get("trainable_share_pct"),
                 test_values=tuple(test),
             )
@@ -175,6 +177,7 @@ CONFIRM_COLUMNS = (
     "train_time_s_mean",
     "train_time_s_ci",
     "trainable_params",
+    "total_params",
     "trainable_share_pct",
 )
 
@@ -204,6 +207,7 @@ def confirm_rows(configs: Sequence[ConfirmedConfig]) -> list[dict[str, Any]]:
                 "train_time_s_mean": round(c.train_time_s.mean, 1) if c.train_time_s else None,
                 "train_time_s_ci": _ci(c.train_time_s, 1),
                 "trainable_params": c.trainable_params,
+                "total_params": c.total_params,
                 "trainable_share_pct": c.trainable_share_pct,
             }
         )

@@ -78,7 +78,7 @@ def format_confirm_table(trials: Sequence[FrozenTrial]) -> str:
                 format(p["learning_rate"], ".2e") if "learning_rate" in p else "-",
                 str(p.get("lr_scheduler", "-")),
                 format(c.trainable_params, ",") if c.trainable_params is not None else "-",
-                "-",
+                format(c.total_params, ",") if c.total_params is not None else "-",
                 format(c.trainable_share_pct, ".2f") if c.trainable_share_pct is not None else "-",
                 _pm(c.train_time_s, ".1f"),
                 _pm(c.val_f1, ".4f"),
