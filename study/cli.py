@@ -47,7 +47,9 @@ ARTIFACT_DIR_HELP = (
 )
 
 
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
+def _add_run_flags(
+    p: argparse.ArgumentParser, epochs_help: str = "epochs per trial, the pruner's budget (6)"
+) -> None:
     """Flags shared by `optimize` and `baseline`; None means 'not given' (config file wins)."""
     p.add_argument("--study-name", help="study name; the baseline is <name>-full-ft (banking77)")
     p.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULT_URL})")
@@ -61,7 +63,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         help="train on a stratified subsample of this many training examples (quick runs)",
     )
-    p.add_argument("--epochs", type=int, help="epochs per trial, the pruner's budget (6)")
+    p.add_argument("--epochs", type=int, help=epochs_help)
     p.add_argument("--seed", type=int, help="training seed of every run and the sampler seed (42)")
     p.add_argument("--device", choices=DEVICES, help="where to train (auto: cuda, mps, then cpu)")
     p.add_argument(
@@ -140,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "confirm",
         help="re-train the best LoRA trials and the baseline with several seeds (<name>-confirm)",
     )
-    _add_run_flags(con)
+    _add_run_flags(con, epochs_help="epochs per run (default: as many as the source trial had)")
     con.add_argument(
         "--top", type=int, default=3, help="how many of the best COMPLETE LoRA trials (3)"
     )
