@@ -245,7 +245,7 @@ def _attention(
     drop: DropFn,
 ) -> torch.Tensor:
     """Softmax attention over the real keys, with dropout p on the probabilities in training."""
-    if drop is no_dropout or p == 0.0 or not isinstance(drop, MaskSource):
+    if p == 0.0 or not isinstance(drop, MaskSource):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=key_mask, dropout_p=0.0 if drop is no_dropout else p, scale=scale
         )

@@ -170,14 +170,7 @@ def capture_train_step(
     if len(static) != len(buckets):
         return None  # an empty bucket would shift the bucket numbers; prepare never makes one
     steps = tuple(LossStep(model, parts, dtype) for _ in static)
-    samples = tuple(
-        (
-            b.input_ids[fill_rows(_first(b), batch_size, b.dummy)],
-            b.attention_mask[fill_rows(_first(b), batch_size, b.dummy)],
-            b.labels[fill_rows(_first(b), batch_size, b.dummy)],
-        )
-        for b in static
-    )
+    samples = tuple(_sample_batch(b, batch_size) for b in static)
     model.train()
     try:
         graphed = capture(steps, samples)
@@ -187,9 +180,10 @@ def capture_train_step(
     return GraphedTrainStep(static, graphed, batch_size)
 
 
-def _first(b: StaticBucket) -> torch.Tensor:
-    """Row indices of a sample batch: the bucket's first real rows."""
-    return torch.arange(min(b.dummy, 1), device=b.labels.device)
+def _sample_batch(b: StaticBucket, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """A capture sample: the bucket's first row, filled up with the dummy row."""
+    rows = fill_rows(torch.arange(min(b.dummy, 1), device=b.labels.device), batch_size, b.dummy)
+    return b.input_ids[rows], b.attention_mask[rows], b.labels[rows]
 
 
 def _make_graphed_callables(steps, samples):

@@ -21,6 +21,8 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 from scipy import stats
 
+from reports.render import fmt
+
 LEVEL = 0.95
 
 
@@ -195,10 +197,7 @@ def confirm_rows(configs: Sequence[ConfirmedConfig]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "configuration": c.label,
-                "params": ", ".join(
-                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in c.params.items()
-                ),
+                "params": ", ".join(f"{k}={fmt('', v)}" for k, v in c.params.items()),
                 "seeds": len(c.seeds),
                 "val_f1_mean": round(c.val_f1.mean, 4),
                 "val_f1_ci": _ci(c.val_f1, 4),

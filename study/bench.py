@@ -122,10 +122,10 @@ class PeakMemory:
             self.peak_mb = max(self.peak_mb, rss_mb())
 
     def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        elif self.device.type == "mps":
-            self.peak_mb = torch.mps.driver_allocated_memory() / 2**20
+        if self.device.type != "cpu":
+            from objectives.train import peak_memory_mb  # the figure trials record
+
+            self.peak_mb = peak_memory_mb(self.device)
         elif self._thread is not None:
             self._stop.set()
             self._thread.join()
@@ -321,6 +321,7 @@ def run_workers_bench(
     import time
 
     from objectives.train import detect_device
+    from storage import get_storage
     from study.config import StudyConfig
     from study.config import validate as validate_study
     from study.runner import prepare_run, run_workers
@@ -349,7 +350,8 @@ def run_workers_bench(
                 )
             )
             t0 = time.perf_counter()
-            study = run_workers(study_cfg, prepare_run(study_cfg))
+            storage = get_storage(study_cfg.storage, study_cfg.heartbeat)
+            study = run_workers(study_cfg, prepare_run(study_cfg), storage)
             wall = time.perf_counter() - t0
             trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
         done = [t for t in trials if t.state.name == "COMPLETE"]

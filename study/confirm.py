@@ -108,7 +108,7 @@ def plan_jobs(
     jobs = []
     for study, trials, mode in ((lora, chosen, "lora"), (baseline, base, "full")):
         for t in trials:
-            n_epochs = epochs or _epochs(t, 6)
+            n_epochs = epochs or _epochs(t, TrainConfig().epochs)
             for seed in seeds:
                 jobs.append(Job(study.study_name, t.number, mode, dict(t.params), n_epochs, seed))
     return jobs

@@ -262,13 +262,14 @@ def run_optimize(cfg: StudyConfig) -> tuple[optuna.Study, optuna.Study]:
     except KeyError:
         pass
     baseline = ensure_baseline(storage, cfg, prep)
-    return run_workers(cfg, prep), baseline
+    return run_workers(cfg, prep, storage), baseline
 
 
-def run_workers(cfg: StudyConfig, prep: Prepared) -> optuna.Study:
+def run_workers(
+    cfg: StudyConfig, prep: Prepared, storage: optuna.storages.BaseStorage
+) -> optuna.Study:
     """`cfg.n_trials` new LoRA trials, shared among `cfg.workers` processes (this one included),
-    each with its own model copy, all writing to the same storage."""
-    storage = get_storage(cfg.storage, cfg.heartbeat)
+    each with its own model copy, all writing to `storage` (that of `cfg.storage`)."""
     identity = study_identity(cfg, prep, with_space=True)
     lora = open_study(storage, cfg.study_name, identity)  # created here, before workers race for it
     DashboardNotes(storage, cfg.baseline_name).refresh(lora)  # shown before the first trial ends

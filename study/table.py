@@ -43,8 +43,13 @@ def format_table(lora: Sequence[FrozenTrial], baseline: Sequence[FrozenTrial], t
     rows = [_row(t) for t in best_trials(lora, top)] + [_row(t) for t in best_trials(baseline, 1)]
     if not rows:
         return "no COMPLETE trial yet"
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths, strict=True))]
+    return _aligned(COLUMNS, rows)
+
+
+def _aligned(columns: Sequence[str], rows: list[list[str]]) -> str:
+    """Header and rows, each column right-aligned to its widest cell."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
 
@@ -85,7 +90,4 @@ def format_confirm_table(trials: Sequence[FrozenTrial]) -> str:
                 _pm(c.test_f1, ".4f"),
             ]
         )
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(columns)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines) + "\n" + verdict(configs).text
+    return _aligned(columns, rows) + "\n" + verdict(configs).text
