@@ -6,7 +6,9 @@ Field names equal the Optuna parameter names, so a trial's params map onto a con
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 LORA_TARGETS = {
     # peft matches module names by suffix. The reference runs' "query,key,value,dense" hits every
@@ -51,3 +53,17 @@ FULL_FT_DEFAULTS = replace(
 )
 # What the baseline trial records as its (single-valued) parameters.
 BASELINE_PARAMS = ("learning_rate", "lr_scheduler", "batch_size", "weight_decay")
+
+# The baseline study holds the fixed run, the yardstick every LoRA trial is compared with, and
+# (with `--sensitivity`) the same configuration at neighbouring learning rates, which only show
+# whether the yardstick sits near its own optimum. Each trial says which it is.
+ROLE_ATTR = "baseline_role"
+FIXED = "fixed"
+NEIGHBOUR = "neighbour"
+LR_FACTOR_ATTR = "lr_factor"  # the run's learning rate / the fixed run's
+SENSITIVITY_FACTORS = (1 / 3, 3.0)
+
+
+def is_neighbour(user_attrs: Mapping[str, Any]) -> bool:
+    """A sensitivity run of the baseline study (trials from before roles count as fixed)."""
+    return user_attrs.get(ROLE_ATTR) == NEIGHBOUR

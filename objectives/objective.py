@@ -14,8 +14,17 @@ import torch
 from optuna.trial import TrialState
 from torch import nn
 
-from objectives.config import BASELINE_PARAMS, FULL_FT_DEFAULTS, TrainConfig
+from objectives.config import (
+    BASELINE_PARAMS,
+    FIXED,
+    FULL_FT_DEFAULTS,
+    LR_FACTOR_ATTR,
+    ROLE_ATTR,
+    TrainConfig,
+)
 from objectives.model import build_model, count_params
+from objectives.occupancy import Occupancy
+from objectives.predictions import encode_labels
 from objectives.space import Space
 from objectives.train import (
     EpochResult,
@@ -54,8 +63,13 @@ class RunContext:
 
 
 def run_trial(trial: optuna.Trial, cfg: TrainConfig, ctx: RunContext, prune: bool) -> float:
-    """Train one configuration inside a trial; return the best validation macro-F1."""
+    """Train one configuration inside a trial; return the best validation macro-F1.
+
+    A trial that trained all its epochs is never pruned: pruning it would save nothing and lose
+    its test F1 and weights.
+    """
     model = build_model(ctx.base_model, cfg)
+    load = Occupancy(str(ctx.data.device))
     try:
         counts = count_params(model)
         vocab = model.get_input_embeddings().num_embeddings
@@ -69,6 +83,7 @@ def run_trial(trial: optuna.Trial, cfg: TrainConfig, ctx: RunContext, prune: boo
             "seed": cfg.seed,
             "data_fingerprint": ctx.data_fingerprint,
             "max_epochs": cfg.epochs,
+            "torch_threads": torch.get_num_threads(),
         }.items():
             trial.set_user_attr(key, value)
         if ctx.data.max_token_id >= vocab:
@@ -78,8 +93,16 @@ def run_trial(trial: optuna.Trial, cfg: TrainConfig, ctx: RunContext, prune: boo
             )
 
         best: list[EpochResult] = []
+        # Trials training on this device meanwhile, the most seen at the start and after each
+        # epoch: times are comparable only between trials that ran under the same load.
+        busy = [0]
+
+        def note_load() -> None:
+            busy[0] = max(busy[0], load.others())
+            trial.set_user_attr("concurrent_trials", busy[0])
 
         def on_epoch_end(r: EpochResult) -> None:
+            note_load()
             if not best or r.val_f1 > best[0].val_f1:
                 best[:] = [r]
             trial.report(r.val_f1, r.epoch)
@@ -88,11 +111,13 @@ def run_trial(trial: optuna.Trial, cfg: TrainConfig, ctx: RunContext, prune: boo
             trial.set_user_attr("best_epoch", best[0].epoch)
             trial.set_user_attr("val_f1", best[0].val_f1)
             trial.set_user_attr("val_accuracy", best[0].val_accuracy)
-            if prune and trial.should_prune():
+            if prune and r.epoch < cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {r.epoch} (val F1 {r.val_f1:.4f})")
 
         try:
-            result = train(model, cfg, ctx.data, on_epoch_end, progress=ctx.progress)
+            with load:
+                note_load()
+                result = train(model, cfg, ctx.data, on_epoch_end, progress=ctx.progress)
         except torch.OutOfMemoryError as e:
             raise TrainingFailed(f"out of memory on {ctx.data.device}: {str(e)[:200]}") from e
         for key, value in {
@@ -101,6 +126,9 @@ def run_trial(trial: optuna.Trial, cfg: TrainConfig, ctx: RunContext, prune: boo
             "peak_mem_mb": round(result.peak_mem_mb, 1),
             "labels": list(ctx.label_names),
             "test_confusion": result.test_confusion.tolist(),
+            # per example, for the paired test-set comparisons of the report
+            "test_predictions": encode_labels(result.test_predictions),
+            "test_labels": encode_labels(ctx.data.test.labels),
         }.items():
             trial.set_user_attr(key, value)
         if ctx.keep_weights is not None:
@@ -131,26 +159,46 @@ def baseline_config(epochs: int, seed: int, mixed_precision: bool) -> TrainConfi
 
 @dataclass(frozen=True)
 class BaselineObjective:
-    """The fixed full fine-tuning run; its settings are recorded as single-valued params."""
+    """The fixed full fine-tuning run; its settings are recorded as single-valued params.
+
+    A trial queued with the user attributes `baseline_role` = neighbour and `lr_factor` = f
+    trains the same configuration at f x the learning rate (`baseline --sensitivity`); any other
+    trial is the fixed run, the yardstick.
+    """
 
     cfg: TrainConfig
     ctx: RunContext
 
     def __call__(self, trial: optuna.Trial) -> float:
-        # Workers that start together may each open a baseline trial; the lowest number runs it.
+        role = trial.user_attrs.get(ROLE_ATTR, FIXED)
+        factor = float(trial.user_attrs.get(LR_FACTOR_ATTR, 1.0)) if role != FIXED else 1.0
+        # Workers that start together may each open the same run; the lowest number runs it.
         rivals = trial.study.get_trials(
             deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)
         )
-        first = min((t.number for t in rivals if t.number < trial.number), default=None)
+        first = min(
+            (t.number for t in rivals if t.number < trial.number and _run_of(t) == (role, factor)),
+            default=None,
+        )
+        trial.set_user_attr(ROLE_ATTR, role)
+        trial.set_user_attr(LR_FACTOR_ATTR, factor)
         if first is not None:
-            trial.set_user_attr("fail_reason", f"trial {first} already runs the baseline")
-            raise DuplicateRun(f"trial {first} already runs the baseline")
+            what = "the baseline" if role == FIXED else f"the baseline at lr x {factor:.3g}"
+            trial.set_user_attr("fail_reason", f"trial {first} already runs {what}")
+            raise DuplicateRun(f"trial {first} already runs {what}")
+        cfg = replace(self.cfg, learning_rate=self.cfg.learning_rate * factor)
         for name in BASELINE_PARAMS:
-            value = getattr(self.cfg, name)
+            value = getattr(cfg, name)
             if isinstance(value, str):
                 trial.suggest_categorical(name, [value])
             elif isinstance(value, int):
                 trial.suggest_int(name, value, value)
             else:
                 trial.suggest_float(name, value, value)
-        return run_trial(trial, self.cfg, self.ctx, prune=False)
+        return run_trial(trial, cfg, self.ctx, prune=False)
+
+
+def _run_of(trial: optuna.trial.FrozenTrial) -> tuple[str, float]:
+    """(role, learning-rate factor) of a baseline-study trial; trials from before roles: fixed."""
+    role = trial.user_attrs.get(ROLE_ATTR, FIXED)
+    return role, float(trial.user_attrs.get(LR_FACTOR_ATTR, 1.0)) if role != FIXED else 1.0

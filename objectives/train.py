@@ -337,6 +337,7 @@ class TrainResult:
     test_f1: float
     test_accuracy: float
     test_confusion: np.ndarray
+    test_predictions: np.ndarray  # per test example, in split order (paired comparisons)
     train_time_s: float
     peak_mem_mb: float
     device: str
@@ -507,6 +508,7 @@ def train(
         test_f1=macro_f1(data.test.labels, test_preds, data.num_labels),
         test_accuracy=accuracy(data.test.labels, test_preds),
         test_confusion=confusion_matrix(data.test.labels, test_preds, data.num_labels),
+        test_predictions=test_preds,
         train_time_s=train_time,
         setup_time_s=setup_time,
         peak_mem_mb=peak_memory_mb(device),

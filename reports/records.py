@@ -15,6 +15,8 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
+from objectives.config import FIXED, LR_FACTOR_ATTR, NEIGHBOUR, ROLE_ATTR
+
 
 @dataclass(frozen=True)
 class TrialRecord:
@@ -41,10 +43,27 @@ class TrialRecord:
     best_epoch: int | None = None
     intermediate: Mapping[int, float] = field(default_factory=dict)
     fail_reason: str | None = None
+    # Baseline study only: "fixed" (the yardstick; also trials from before roles) or "neighbour"
+    # (the fixed configuration at lr_factor x its learning rate, `baseline --sensitivity`).
+    role: str | None = None
+    lr_factor: float | None = None
+    # The load a trial trained under: its times compare only with trials under the same load.
+    device: str | None = None
+    concurrent_trials: int | None = None
+    torch_threads: int | None = None
 
     @property
     def complete(self) -> bool:
         return self.state == TrialState.COMPLETE.name
+
+    @property
+    def neighbour(self) -> bool:
+        return self.role == NEIGHBOUR
+
+    @property
+    def yardstick(self) -> bool:
+        """The fixed full fine-tuning run every LoRA trial is compared with."""
+        return self.baseline and not self.neighbour
 
     @property
     def label(self) -> str:
@@ -127,6 +146,11 @@ def to_record(trial: FrozenTrial, study: str, *, baseline: bool = False) -> Tria
         best_epoch=as_int(attrs.get("best_epoch")),
         intermediate=intermediate,
         fail_reason=_as_str(attrs.get("fail_reason")),
+        role=(_as_str(attrs.get(ROLE_ATTR)) or FIXED) if baseline else None,
+        lr_factor=(as_float(attrs.get(LR_FACTOR_ATTR)) or 1.0) if baseline else None,
+        device=_as_str(attrs.get("device")),
+        concurrent_trials=as_int(attrs.get("concurrent_trials")),
+        torch_threads=as_int(attrs.get("torch_threads")),
     )
 
 

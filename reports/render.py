@@ -194,6 +194,18 @@ class Section:
 
 
 @dataclass(frozen=True)
+class Part:
+    """A section of sentences and an optional table: the baseline check, the test-set
+    comparison, the seed repeats of `confirm`."""
+
+    title: str
+    anchor: str  # the HTML id of its list
+    lines: Sequence[str]
+    columns: Sequence[str] = ()
+    rows: Sequence[Mapping[str, Any]] = ()
+
+
+@dataclass(frozen=True)
 class ReportContent:
     title: str
     intro: str
@@ -204,17 +216,7 @@ class ReportContent:
     importance: ImportanceResult
     findings: Sequence[str]
     sections: Sequence[Section]
-    confirmation: Confirmation | None = None
-
-
-@dataclass(frozen=True)
-class Confirmation:
-    """The seed repeats of `confirm`: the verdict and method lines, then one row per config."""
-
-    study: str
-    lines: Sequence[str]
-    columns: Sequence[str]
-    rows: Sequence[Mapping[str, Any]]
+    parts: Sequence[Part] = ()  # after the findings, in this order
 
 
 IMPORTANCE_COLUMNS = ("evaluator", "rank", "param", "importance")
@@ -248,12 +250,12 @@ def report_markdown(content: ReportContent) -> str:
             out.append(f"- {section.title}: {section.note}")
     out.append("\n## Findings\n")
     out.extend(f"- {line}" for line in content.findings)
-    if content.confirmation is not None:
-        c = content.confirmation
-        out.append(f"\n## Confirmation: seed repeats ({c.study})\n")
-        out.extend(f"- {line}" for line in c.lines)
+    for part in content.parts:
+        out.append(f"\n## {part.title}\n")
+        out.extend(f"- {line}" for line in part.lines)
         out.append("")
-        out.append(markdown_table(c.columns, c.rows))
+        if part.columns:
+            out.append(markdown_table(part.columns, part.rows))
     return "\n".join(out) + "\n"
 
 
@@ -289,12 +291,12 @@ def report_html(content: ReportContent) -> str:
         parts.append(f"<div class='notes' id='notes'><b>Notes</b><ul>{items}</ul></div>")
     items = "".join(f"<li>{esc(line)}</li>" for line in content.findings)
     parts.append(f"<h2>Findings</h2><ul id='findings'>{items}</ul>")
-    if content.confirmation is not None:
-        c = content.confirmation
-        items = "".join(f"<li>{esc(line)}</li>" for line in c.lines)
-        parts.append(f"<h2>Confirmation: seed repeats ({esc(c.study)})</h2>")
-        parts.append(f"<ul id='confirmation'>{items}</ul>")
-        parts.append(f"<div class='scroll'>{html_table(c.columns, c.rows)}</div>")
+    for part in content.parts:
+        items = "".join(f"<li>{esc(line)}</li>" for line in part.lines)
+        parts.append(f"<h2>{esc(part.title)}</h2>")
+        parts.append(f"<ul id='{esc(part.anchor)}'>{items}</ul>")
+        if part.columns:
+            parts.append(f"<div class='scroll'>{html_table(part.columns, part.rows)}</div>")
     for i, section in enumerate(content.sections):
         parts.append(f"<div class='figure'><h2>{esc(section.title)}</h2>")
         if section.figure is not None:

@@ -117,10 +117,16 @@ def cost_of(record: TrialRecord, cost: CostKey) -> float | None:
 
 
 def pareto_candidates(records: Sequence[TrialRecord], cost: CostKey) -> list[TrialRecord]:
-    """COMPLETE trials (LoRA and baseline) with a known F1 and a known cost."""
+    """COMPLETE trials (LoRA and the fixed baseline) with a known F1 and a known cost.
+
+    The baseline's learning-rate neighbours stay out: they test the yardstick, they are not
+    settings the study proposes.
+    """
     check_cost(cost)
     return [
-        r for r in records if r.complete and r.val_f1 is not None and cost_of(r, cost) is not None
+        r
+        for r in records
+        if r.complete and not r.neighbour and r.val_f1 is not None and cost_of(r, cost) is not None
     ]
 
 
@@ -219,8 +225,13 @@ def pruning_savings(records: Sequence[TrialRecord]) -> PruningSavings | None:
 
 def best_record(records: Sequence[TrialRecord], *, baseline: bool) -> TrialRecord | None:
     """Best COMPLETE trial by validation F1 (never test F1: the test split chooses nothing);
-    among equal F1 the earliest trial wins, as with Optuna's `best_trial`."""
-    pool = [r for r in records if r.baseline == baseline and r.complete and r.val_f1 is not None]
+    among equal F1 the earliest trial wins, as with Optuna's `best_trial`. For the baseline,
+    the best fixed run: its learning-rate neighbours are never the yardstick."""
+    pool = [
+        r
+        for r in records
+        if r.baseline == baseline and not r.neighbour and r.complete and r.val_f1 is not None
+    ]
     if not pool:
         return None
     return max(pool, key=lambda r: (r.val_f1, -r.number))
@@ -298,3 +309,45 @@ def best_so_far(records: Sequence[TrialRecord]) -> list[tuple[int, float]]:
         best = r.val_f1 if best is None else max(best, r.val_f1)
         points.append((r.number, best))
     return points
+
+
+def load_of(record: TrialRecord) -> tuple[str | None, int | None, int | None]:
+    """What a trial's training time depends on besides its work: the kind of device, how many
+    other trials trained on it meanwhile, and the CPU threads of its process."""
+    kind = record.device.split(":")[0] if record.device else None
+    return kind, record.concurrent_trials, record.torch_threads
+
+
+def describe_load(load: tuple[str | None, int | None, int | None]) -> str:
+    kind, others, threads = load
+    if others is None and threads is None:
+        return f"{kind or 'unknown device'}, load not recorded"
+    alone = "alone" if others == 0 else f"beside {others} other trial(s)"
+    return f"{kind or 'unknown device'}, {alone}, {threads} torch thread(s)"
+
+
+def timing_notes(records: Sequence[TrialRecord], findings: Findings) -> list[str]:
+    """Warnings where training times compare runs made under different load (other trials on
+    the same device, other thread counts, another kind of device): the time front and the
+    baseline time ratio then measure the load as much as the method."""
+    notes = []
+    timed = pareto_candidates(records, "train_time_s")
+    loads = sorted({load_of(r) for r in timed}, key=str)
+    if len(loads) > 1:
+        groups = "; ".join(
+            f"{describe_load(load)}: {sum(load_of(r) == load for r in timed)} trial(s)"
+            for load in loads
+        )
+        notes.append(
+            "Training times were measured under different load, so the time front compares "
+            f"load as well as settings ({groups}). For comparable times run with --workers 1, "
+            "or compare only trials with the same concurrent_trials and torch_threads."
+        )
+    lora, base = findings.best_lora, findings.baseline
+    if lora is not None and base is not None and load_of(lora) != load_of(base):
+        notes.append(
+            f"The time ratio of the best LoRA trial to the baseline compares different loads: "
+            f"{lora.label} trained {describe_load(load_of(lora))}, the baseline "
+            f"{describe_load(load_of(base))}."
+        )
+    return notes

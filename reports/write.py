@@ -18,13 +18,19 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial
 
 from reports import figures, png
-from reports.confirm import CONFIRM_COLUMNS, confirm_rows, confirmed_configs, verdict
+from reports.confirm import (
+    CONFIRM_COLUMNS,
+    ConfirmedConfig,
+    confirm_rows,
+    confirmed_configs,
+    verdict,
+)
 from reports.importance import ImportanceResult, param_importances
 from reports.perclass import Confusion, compare_per_class, confusion_of, unmatched_labels
 from reports.records import TrialRecord, to_records
 from reports.render import (
     IMPORTANCE_COLUMNS,
-    Confirmation,
+    Part,
     ReportContent,
     Section,
     findings_lines,
@@ -32,6 +38,13 @@ from reports.render import (
     report_html,
     report_markdown,
     write_csv,
+)
+from reports.sensitivity import (
+    Fairness,
+    baseline_seed_f1s,
+    factor_text,
+    fairness,
+    fairness_lines,
 )
 from reports.tables import (
     COST_KEYS,
@@ -47,7 +60,9 @@ from reports.tables import (
     summary_columns,
     summary_row,
     summary_rows,
+    timing_notes,
 )
+from reports.testnoise import NOISE_COLUMNS, compare_trials, noise_row, predictions_of, verdict_line
 
 # Every PNG this module may write; ones not produced this time are removed so that a re-run into
 # the same folder never leaves, say, a confusion matrix from an older run beside new files.
@@ -126,7 +141,9 @@ def _roles(
 ) -> str:
     key = (record.study, record.number)
     roles = []
-    if record.baseline:
+    if record.neighbour:
+        roles.append(f"baseline neighbour ({factor_text(record.lr_factor)})")
+    elif record.baseline:
         roles.append("baseline (full FT)")
     if findings.best_lora is not None and key == (
         findings.best_lora.study,
@@ -257,14 +274,78 @@ CONFIRM_METHOD = (
 )
 
 
-def _confirmation(confirm: optuna.Study) -> Confirmation:
-    configs = confirmed_configs(confirm.get_trials(deepcopy=False))
-    return Confirmation(
-        confirm.study_name,
+def _confirmation(configs: Sequence[ConfirmedConfig], study_name: str) -> Part:
+    return Part(
+        f"Confirmation: seed repeats ({study_name})",
+        "confirmation",
         [verdict(configs).text, CONFIRM_METHOD],
         list(CONFIRM_COLUMNS),
         confirm_rows(configs),
     )
+
+
+def _fairness(check: Fairness, study_name: str) -> Part:
+    return Part("Is the baseline fair?", "fairness", fairness_lines(check, study_name))
+
+
+TEST_NOISE_METHOD = (
+    "Method: the trials' per-example test predictions; a paired bootstrap (9,999 resamples of "
+    "the test examples, seeded, percentile 95% interval) of the difference in test macro-F1, "
+    "and McNemar's exact test on the examples where exactly one of the two is right. "
+    "Distinguishable when the interval excludes zero and p < 0.05; mixed when only one does. "
+    "This covers the test set's sampling noise for these two trained models; `confirm` covers "
+    "training noise (seeds)."
+)
+
+
+def _test_noise(
+    findings: Findings,
+    check: Fairness,
+    fronts: dict[CostKey, list[TrialRecord]],
+    study_trials: Sequence[FrozenTrial],
+    baseline_trials: Sequence[FrozenTrial],
+) -> Part:
+    """The best LoRA trial and the LoRA points of the fronts against the fixed baseline (and the
+    best LoRA against the best of the three baseline runs when a neighbour beat the fixed one)."""
+    title = "Is the difference real on this test set?"
+    base = findings.baseline
+    if findings.best_lora is None or base is None:
+        return Part(title, "test-noise", ["Not computed: no best LoRA trial and baseline pair."])
+    attrs = {t.number: t.user_attrs for t in study_trials}
+    base_attrs = {t.number: t.user_attrs for t in baseline_trials}
+    best = findings.best_lora
+    chosen: dict[int, tuple[TrialRecord, list[str]]] = {best.number: (best, ["best LoRA"])}
+    for cost, front in fronts.items():
+        for r in front:
+            if not r.baseline:
+                axis = "params" if cost == "trainable_params" else "time"
+                chosen.setdefault(r.number, (r, []))[1].append(f"front: {axis}")
+    against = [(base, "the baseline")]
+    if check.beaten_by is not None:
+        beaten = check.beaten_by
+        against.append((beaten, f"the baseline at {factor_text(beaten.lr_factor)}"))
+    lines, rows, missing = [], [], []
+    for number, (record, reasons) in chosen.items():
+        mine = predictions_of(attrs.get(number, {}))
+        for other, other_name in against if record is best else against[:1]:
+            theirs = predictions_of(base_attrs.get(other.number, {}))
+            test = compare_trials(mine, theirs) if mine and theirs else None
+            if test is None:
+                missing.append(f"{record.label} vs {other.label}")
+                continue
+            rows.append(noise_row(record.label, ", ".join(reasons), other.label, test))
+            if record is best:
+                who = f"the best LoRA trial ({record.label})"
+                lines.append(verdict_line(test, who, other_name))
+    if missing:
+        lines.append(
+            "Not computed for "
+            + ", ".join(missing)
+            + ": no per-example test predictions (trials from before they were kept) or "
+            "different test examples."
+        )
+    lines.append(TEST_NOISE_METHOD)
+    return Part(title, "test-noise", lines, list(NOISE_COLUMNS), rows)
 
 
 def write_reports(
@@ -309,11 +390,18 @@ def write_reports(
     written.append(
         write_csv(out / "importance.csv", IMPORTANCE_COLUMNS, importance_rows(importance))
     )
-    confirmation = _confirmation(confirm) if confirm is not None else None
-    if confirmation is not None:
+    confirm_trials = confirm.get_trials(deepcopy=False) if confirm is not None else []
+    check = fairness(records, baseline_seed_f1s(confirm_trials))
+    noise = _test_noise(findings, check, fronts, study_trials, baseline_trials)
+    parts = [_fairness(check, study.study_name), noise]
+    written.append(write_csv(out / "test_noise.csv", noise.columns, noise.rows))
+    if confirm is not None:
+        confirmation = _confirmation(confirmed_configs(confirm_trials), confirm.study_name)
+        parts.append(confirmation)
         written.append(write_csv(out / "confirm.csv", confirmation.columns, confirmation.rows))
     else:
         (out / "confirm.csv").unlink(missing_ok=True)
+    notes.extend(timing_notes(records, findings))
 
     drawn = _overview_sections(records, importance)
     drawn.extend(_per_class_sections(findings, study_trials, baseline_trials, notes))
@@ -349,7 +437,7 @@ def write_reports(
         importance=importance,
         findings=findings_lines(findings),
         sections=[section for section, _ in drawn],
-        confirmation=confirmation,
+        parts=parts,
     )
     index = out / "index.html"
     index.write_text(report_html(content), encoding="utf-8")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from objectives.data import DATA_DIR_ENV, DataError
 from objectives.model import ModelLoadError
@@ -23,11 +24,15 @@ from study.config import (
     PRUNERS,
     SAMPLERS,
     ConfigError,
+    StudyConfig,
     make_config,
     read_config_file,
 )
 from study.predict import PredictError
 from study.winners import WinnersError
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
 
 # Errors whose message is for the user; anything else is a bug and keeps its traceback.
 USER_ERRORS = (
@@ -132,10 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument(
         "--keep-top", type=int, help="how many trials --keep best keeps, by validation F1 (5)"
     )
+    opt.add_argument(
+        "--baseline-sensitivity",
+        action="store_true",
+        default=None,
+        help="also train the baseline at lr / 3 and lr x 3 (once): is the yardstick tuned?",
+    )
     opt.set_defaults(run=_optimize)
 
     base = sub.add_parser("baseline", help="run the fixed full fine-tuning baseline study")
     _add_run_flags(base)
+    base.add_argument(
+        "--sensitivity",
+        dest="baseline_sensitivity",
+        action="store_true",
+        default=None,
+        help="also train the fixed configuration at lr / 3 and lr x 3 (neighbours, marked as "
+        "such; the fixed run stays the yardstick) and say whether the yardstick is tuned",
+    )
     base.set_defaults(run=_baseline)
 
     con = sub.add_parser(
@@ -248,6 +267,7 @@ def _optimize(args: argparse.Namespace) -> int:
     study, baseline = run_optimize(cfg)
     print(f"\nstudy {cfg.study_name!r} in {redact(cfg.storage)}: best LoRA trials and the baseline")
     print(format_table(study.get_trials(deepcopy=False), baseline.get_trials(deepcopy=False)))
+    _print_fairness(cfg, study.get_trials(deepcopy=False), baseline.get_trials(deepcopy=False))
     return 0
 
 
@@ -257,8 +277,38 @@ def _baseline(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     baseline = run_baseline(cfg)
-    print(format_table([], baseline.get_trials(deepcopy=False)))
+    trials = baseline.get_trials(deepcopy=False)
+    print(format_table([], trials))
+    lora = _load_trials(cfg.storage, cfg.study_name)
+    _print_fairness(cfg, lora, trials)
     return 0
+
+
+def _load_trials(url: str, name: str) -> list[FrozenTrial]:
+    """The trials of study `name` in `url`, or none when it does not exist."""
+    import optuna
+
+    from storage import get_storage
+
+    try:
+        study = optuna.load_study(study_name=name, storage=get_storage(url, None, create=False))
+    except KeyError:
+        return []
+    return study.get_trials(deepcopy=False)
+
+
+def _print_fairness(
+    cfg: StudyConfig, lora: Sequence[FrozenTrial], baseline: Sequence[FrozenTrial]
+) -> None:
+    """Whether the fixed baseline is a tuned yardstick (see `baseline --sensitivity`)."""
+    from reports.sensitivity import check_trials, fairness_lines
+    from study.config import CONFIRM_SUFFIX
+
+    confirm = _load_trials(cfg.storage, cfg.study_name + CONFIRM_SUFFIX)
+    check = check_trials(cfg.study_name, lora, baseline, cfg.baseline_name, confirm)
+    print("\nIs the baseline fair?")
+    for line in fairness_lines(check, cfg.study_name):
+        print(f"- {line}")
 
 
 def _confirm(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ PRUNERS = ("hyperband", "median", "none")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 KEEP_POLICIES = ("all", "best", "none")  # which LoRA trials keep their weights
 BASELINE_SUFFIX = "-full-ft"
+CONFIRM_SUFFIX = "-confirm"
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,8 @@ class StudyConfig:
     keep: str = "best"  # LoRA trials keeping weights: all, best (top keep_top by val F1), none
     keep_top: int = 5  # K of keep = "best"; the baseline always keeps its weights
     artifact_dir: str | None = None  # None: weights/ beside the SQLite/journal file (study.winners)
+    # Also train the baseline at lr / 3 and lr x 3: is the fixed yardstick near its own optimum?
+    baseline_sensitivity: bool = False
 
     @property
     def baseline_name(self) -> str:

@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from objectives.config import TrainConfig
 from objectives.objective import TRIAL_FAILURES, RunContext, baseline_config, run_trial
 from storage import get_storage
-from study.config import ConfigError, StudyConfig
+from study.config import CONFIRM_SUFFIX, ConfigError, StudyConfig
 from study.runner import (
     Prepared,
     check_identity,
@@ -36,7 +36,6 @@ from study.runner import (
 )
 from study.table import best_trials
 
-CONFIRM_SUFFIX = "-confirm"
 JOB_KEYS = ("source_study", "source_trial", "seed")
 
 

@@ -20,7 +20,9 @@ import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 
 from reports import pareto_figure
+from reports.sensitivity import check_trials, fairness_lines
 from reports.tables import CostKey
+from study.config import CONFIRM_SUFFIX
 
 # The note shares the end-of-run table's row format, so the terminal and the dashboard agree.
 from study.table import COLUMNS, _row, best_trials
@@ -107,8 +109,10 @@ def study_note(
     baseline: Sequence[FrozenTrial],
     baseline_name: str,
     top: int = 5,
+    confirm: Sequence[FrozenTrial] = (),
 ) -> str:
-    """The Markdown note of the LoRA study: best LoRA trial vs the baseline, then the top trials."""
+    """The Markdown note of the LoRA study: best LoRA trial vs the baseline, whether the baseline
+    is tuned (`confirm`'s trials give its seed noise), then the top trials."""
     ranked = best_trials(lora, top)
     base = best_trials(baseline, 1)
     best, base_trial = (ranked[0] if ranked else None), (base[0] if base else None)
@@ -141,6 +145,9 @@ def study_note(
         lines.append(f"Best LoRA trial #{best.number} against the full fine-tuning baseline:")
         lines.append("")
         lines += comparison(best, base_trial)
+    check = check_trials(study_name, lora, baseline, baseline_name, confirm)
+    lines += ["", "### Is the baseline fair?", ""]
+    lines += [f"- {line}" for line in fairness_lines(check, study_name)]
     if len(ranked) > 1:
         lines += ["", f"### Top {len(ranked)} LoRA trials by validation F1", ""]
         lines += _table([(f"#{t.number}", t) for t in ranked])
@@ -206,24 +213,35 @@ class DashboardNotes:
 
     def refresh(self, study: optuna.Study) -> None:
         try:
-            publish(study, self._baseline(), self.baseline_name)
+            confirm = self._load(study.study_name + CONFIRM_SUFFIX)
+            publish(study, self._load(self.baseline_name), self.baseline_name, confirm)
         except Exception as e:  # noqa: BLE001 - see the class docstring
             print(f"warning: could not update the dashboard note: {e}", file=sys.stderr)
 
-    def _baseline(self) -> optuna.Study | None:
+    def _load(self, name: str) -> optuna.Study | None:
         try:
-            return optuna.load_study(study_name=self.baseline_name, storage=self.storage)
+            return optuna.load_study(study_name=name, storage=self.storage)
         except KeyError:
             return None
 
 
-def publish(study: optuna.Study, baseline: optuna.Study | None, baseline_name: str) -> None:
-    """Write the note and the figures of `study` (and the baseline's note) to storage."""
+def publish(
+    study: optuna.Study,
+    baseline: optuna.Study | None,
+    baseline_name: str,
+    confirm: optuna.Study | None = None,
+) -> None:
+    """Write the note and the figures of `study` (and the baseline's note) to storage;
+    `confirm`, the study of seed repeats, gives the baseline's training noise."""
     from optuna_dashboard import get_note, save_note, save_plotly_graph_object
 
     lora_trials = study.get_trials(deepcopy=False)
     base_trials = baseline.get_trials(deepcopy=False) if baseline is not None else []
-    save_note(study, study_note(study.study_name, lora_trials, base_trials, baseline_name))
+    confirm_trials = confirm.get_trials(deepcopy=False) if confirm is not None else []
+    note = study_note(
+        study.study_name, lora_trials, base_trials, baseline_name, confirm=confirm_trials
+    )
+    save_note(study, note)
     figures = dashboard_figures(lora_trials, base_trials, study.study_name, baseline_name)
     for figure_id, fig in figures.items():
         save_plotly_graph_object(study, fig, graph_object_id=figure_id)

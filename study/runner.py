@@ -17,7 +17,15 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from objectives.config import TrainConfig
+from objectives.config import (
+    FIXED,
+    LR_FACTOR_ATTR,
+    NEIGHBOUR,
+    ROLE_ATTR,
+    SENSITIVITY_FACTORS,
+    TrainConfig,
+    is_neighbour,
+)
 from objectives.data import IntentData, encode, load_data
 from objectives.model import load_pretrained
 from objectives.objective import (
@@ -160,44 +168,74 @@ def train_config(cfg: StudyConfig) -> TrainConfig:
 
 
 def ensure_baseline(
-    storage: optuna.storages.BaseStorage, cfg: StudyConfig, prep: Prepared, force: bool = False
+    storage: optuna.storages.BaseStorage,
+    cfg: StudyConfig,
+    prep: Prepared,
+    force: bool = False,
+    sensitivity: bool = False,
 ) -> optuna.Study:
-    """Run the fixed full-FT baseline unless one is complete or running.
+    """Run the fixed full-FT baseline unless one is complete or running; with `sensitivity`,
+    also its configuration at lr / 3 and lr x 3 unless those exist.
 
-    A killed baseline is failed by the heartbeat and retried (its copy waits in the study). A
-    baseline that failed for a reason of its own (NaN, out of memory) is not retried here, where
-    it would fail again on every call; `force` (the `baseline` command) runs it again.
+    A killed run is failed by the heartbeat and retried (its copy waits in the study). A fixed
+    run that failed for a reason of its own (NaN, out of memory) is not retried here, where it
+    would fail again on every call; `force` (the `baseline` command) runs it again. Every run is
+    queued first and the queue is then trained, so an interrupted call resumes where it stopped.
     """
     study = open_study(
         storage, cfg.baseline_name, study_identity(cfg, prep, with_space=False), pruner=None
     )
     optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
-    states = {t.state for t in trials}
-    if TrialState.COMPLETE in states or TrialState.RUNNING in states:
+    active = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+    fixed = [t for t in trials if not is_neighbour(t.user_attrs)]
+    queue: list[dict[str, Any]] = []
+    if not any(t.state in active for t in fixed):
+        if fixed and not force:
+            reason = fixed[-1].user_attrs.get("fail_reason", "see the study")
+            print(
+                f"warning: the baseline failed ({reason}); run `python -m study baseline` to retry",
+                file=sys.stderr,
+            )
+        else:
+            queue.append({ROLE_ATTR: FIXED, LR_FACTOR_ATTR: 1.0})
+    if sensitivity:
+        present = {
+            round(float(t.user_attrs.get(LR_FACTOR_ATTR, 0.0)), 6)
+            for t in trials
+            if is_neighbour(t.user_attrs) and t.state in active
+        }
+        queue += [
+            {ROLE_ATTR: NEIGHBOUR, LR_FACTOR_ATTR: f}
+            for f in SENSITIVITY_FACTORS
+            if round(f, 6) not in present
+        ]
+    for attrs in queue:
+        study.enqueue_trial({}, user_attrs=attrs)
+    # Optuna trains queued trials oldest first, whichever this call queued: train them all.
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    fixed_waiting = any(not is_neighbour(t.user_attrs) for t in waiting)
+    if not waiting or not (queue or fixed_waiting or sensitivity):
         return study
-    if trials and TrialState.WAITING not in states and not force:
-        reason = trials[-1].user_attrs.get("fail_reason", "see the study")
-        print(
-            f"warning: the baseline failed ({reason}); run `python -m study baseline` to retry",
-            file=sys.stderr,
-        )
-        return study
+    what = "baseline" if not sensitivity else "baseline and its learning-rate neighbours"
     print(
-        f"running the full fine-tuning baseline into study {cfg.baseline_name!r}", file=sys.stderr
+        f"running the full fine-tuning {what} ({len(waiting)} run(s)) into study "
+        f"{cfg.baseline_name!r}",
+        file=sys.stderr,
     )
     objective = BaselineObjective(
         baseline_config(cfg.epochs, cfg.seed, cfg.mixed_precision),
         keeping_weights(prep, cfg, always=True),  # the baseline keeps its weights whatever --keep
     )
-    study.optimize(objective, n_trials=1, catch=TRIAL_FAILURES)
+    study.optimize(objective, n_trials=len(waiting), catch=TRIAL_FAILURES)
     return study
 
 
 def run_baseline(cfg: StudyConfig) -> optuna.Study:
     """The `baseline` command: the fixed full-FT run, once per storage and study name."""
     prep = prepare_run(cfg, need_space=False)
-    return ensure_baseline(get_storage(cfg.storage, cfg.heartbeat), cfg, prep, force=True)
+    storage = get_storage(cfg.storage, cfg.heartbeat)
+    return ensure_baseline(storage, cfg, prep, force=True, sensitivity=cfg.baseline_sensitivity)
 
 
 def split_trials(n_trials: int, workers: int) -> list[int]:
@@ -261,7 +299,7 @@ def run_optimize(cfg: StudyConfig) -> tuple[optuna.Study, optuna.Study]:
         check_identity(cfg.study_name, existing, identity)
     except KeyError:
         pass
-    baseline = ensure_baseline(storage, cfg, prep)
+    baseline = ensure_baseline(storage, cfg, prep, sensitivity=cfg.baseline_sensitivity)
     return run_workers(cfg, prep, storage), baseline
 
 

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from optuna.trial import FrozenTrial, TrialState
 
+from objectives.config import LR_FACTOR_ATTR, is_neighbour
+
 COLUMNS = (
     "mode", "rank", "LR", "scheduler", "trainable params", "total params", "share %",
     "train time s", "val F1", "test F1",
@@ -34,13 +36,26 @@ def _row(t: FrozenTrial) -> list[str]:
 
 
 def best_trials(trials: Sequence[FrozenTrial], top: int) -> list[FrozenTrial]:
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    """The `top` best COMPLETE trials by validation F1 (earliest first on ties); in a baseline
+    study its learning-rate neighbours never count: the fixed run is the yardstick."""
+    done = [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE and t.value is not None and not is_neighbour(t.user_attrs)
+    ]
     return sorted(done, key=lambda t: (-t.value, t.number))[:top]
+
+
+def neighbour_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """COMPLETE learning-rate neighbours of a baseline study, smallest learning rate first."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and is_neighbour(t.user_attrs)]
+    return sorted(done, key=lambda t: (float(t.user_attrs.get(LR_FACTOR_ATTR, 1.0)), t.number))
 
 
 def format_table(lora: Sequence[FrozenTrial], baseline: Sequence[FrozenTrial], top: int = 5) -> str:
     """Plain-text table: the `top` best COMPLETE LoRA trials, then the baseline run(s)."""
     rows = [_row(t) for t in best_trials(lora, top)] + [_row(t) for t in best_trials(baseline, 1)]
+    rows += [_row(t) for t in neighbour_trials(baseline)]
     if not rows:
         return "no COMPLETE trial yet"
     return _aligned(COLUMNS, rows)

@@ -42,6 +42,7 @@ from objectives.weights import (
 )
 from storage import get_storage, parse_url
 from study.config import BASELINE_SUFFIX, StudyConfig
+from study.table import best_trials
 
 if TYPE_CHECKING:
     from objectives.objective import RunContext
@@ -215,7 +216,6 @@ def find_trial(
             f"{what} named {name!r} in this storage; it has: {', '.join(names) or 'no studies'}"
         )
     trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if isinstance(ref, int):
         match = [t for t in trials if t.number == ref]
         if not match:
@@ -229,9 +229,10 @@ def find_trial(
                 + ": only COMPLETE trials keep weights"
             )
         return name, trial
-    if not complete:
+    best = best_trials(trials, 1)  # of a baseline study: the fixed run, never a neighbour
+    if not best:
         raise WinnersError(f"study {name!r} has no COMPLETE trial yet")
-    return name, max(complete, key=lambda t: (t.value, -t.number))
+    return name, best[0]
 
 
 def fetch_weights(store_dir: Path, study_name: str, trial: FrozenTrial, folder: Path) -> None:

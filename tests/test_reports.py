@@ -606,6 +606,7 @@ ALL_FILES = {
     "pareto_params.csv",
     "pareto_time.csv",
     "importance.csv",
+    "test_noise.csv",
     "index.html",
     "REPORT.md",
     "pareto_params.png",
@@ -752,6 +753,7 @@ def test_report_of_an_empty_study(tmp_path: Path) -> None:
         "pareto_params.csv",
         "pareto_time.csv",
         "importance.csv",
+        "test_noise.csv",
         "index.html",
         "REPORT.md",
     }
