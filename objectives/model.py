@@ -7,7 +7,9 @@ fresh copy from `build_model`, with its own seeded classifier head and, for LoRA
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +54,37 @@ def load_pretrained(name: str, label_names: list[str]) -> tuple[nn.Module, Any]:
             "model folder (config.json, weights, tokenizer files)"
         ) from None
     return model, tokenizer
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+
+
+def model_fingerprint(name: str) -> str | None:
+    """A short hash of a model folder's config.json and its weight files' names and sizes.
+
+    For a Hub id, the folder is the local snapshot the Hub download left in the cache. None when
+    no folder can be found (the caller then records the model by name only). Same files, same
+    fingerprint; a folder whose weights were replaced under the same path is told apart.
+    """
+    folder = Path(name)
+    if not folder.is_dir():
+        try:
+            from transformers.utils import cached_file
+
+            config = cached_file(name, "config.json", local_files_only=True)
+        except (OSError, ValueError):
+            return None
+        if config is None:
+            return None
+        folder = Path(config).parent
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    h = hashlib.sha256(config_file.read_bytes())
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
 
 
 def _classifier(model: nn.Module) -> nn.Linear:

@@ -6,6 +6,7 @@ user attributes (DESIGN.md), so the two studies sit side by side in reports and 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -58,7 +59,7 @@ class RunContext:
     model_name: str
     data_fingerprint: str
     label_names: tuple[str, ...]
-    progress: bool = False
+    progress: bool = False  # bars; otherwise one plain line per epoch on stderr
     keep_weights: KeepWeights | None = None  # None: no weights are kept
 
 
@@ -103,6 +104,13 @@ def run_trial(trial: optuna.Trial, cfg: TrainConfig, ctx: RunContext, prune: boo
 
         def on_epoch_end(r: EpochResult) -> None:
             note_load()
+            if not ctx.progress:  # a log, not bars: one plain line per epoch
+                print(
+                    f"{trial.study.study_name} trial {trial.number} epoch {r.epoch}/{cfg.epochs}:"
+                    f" val F1 {r.val_f1:.4f}, loss {r.train_loss:.4f}, {r.train_time_s:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if not best or r.val_f1 > best[0].val_f1:
                 best[:] = [r]
             trial.report(r.val_f1, r.epoch)

@@ -194,9 +194,15 @@ def parse_space(doc: dict) -> Space:
 
 
 def load_space(spec: str | Path | None) -> Space:
-    """A built-in space by name (`default`, `extended`) or a TOML file's overrides."""
+    """A built-in space by name (`default`, `extended`), a TOML file's overrides, or the JSON
+    `Space.definition()` a study stores (how a resumed study gets its space back)."""
     if spec is None or str(spec) in BUILTIN_SPACES:
         return BUILTIN_SPACES[str(spec or "default")]
+    if str(spec).lstrip().startswith("{"):
+        try:
+            return parse_space(json.loads(str(spec)))
+        except (json.JSONDecodeError, SpaceError) as e:
+            raise SpaceError(f"stored search-space definition is not valid: {e}") from None
     path = Path(spec)
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))

@@ -29,8 +29,8 @@ from reports.tables import best_record
 
 FALLBACK_MARGIN = 0.01  # one F1 point, when no seed repeats show the training noise
 HOW_TO_RUN = (
-    "python -m study baseline --study-name {name} --sensitivity (with the study's --model, "
-    "--data-dir, --max-train-samples and --epochs), or optimize --baseline-sensitivity"
+    "python -m study baseline --study-name {name} --sensitivity (and the study's --storage), "
+    "or optimize --baseline-sensitivity"
 )
 
 

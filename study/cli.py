@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from objectives.data import DATA_DIR_ENV, DataError
@@ -17,16 +18,19 @@ from objectives.space import SpaceError
 from objectives.train import DeviceError
 from objectives.weights import WeightsError
 from storage import DEFAULT_URL, StorageError, redact
+from study import recipe
 from study.bench import add_bench_command
 from study.config import (
+    BASELINE_SUFFIX,
     DEVICES,
     KEEP_POLICIES,
     PRUNERS,
     SAMPLERS,
     ConfigError,
     StudyConfig,
-    make_config,
+    given_values,
     read_config_file,
+    validate,
 )
 from study.predict import PredictError
 from study.winners import WinnersError
@@ -47,8 +51,8 @@ USER_ERRORS = (
     PredictError,
 )
 ARTIFACT_DIR_HELP = (
-    "folder of the artifact store holding kept weights "
-    "(default: weights/ beside the SQLite or journal file, else artifacts/weights)"
+    "folder of the artifact store holding kept weights (default: the study's, else weights/ "
+    "beside the SQLite or journal file, else artifacts/weights)"
 )
 
 
@@ -84,7 +88,7 @@ def _add_run_flags(
         dest="progress",
         action="store_false",
         default=None,
-        help="no progress bars",
+        help="no progress bars: one plain line per epoch (the default when not on a terminal)",
     )
     p.add_argument(
         "--heartbeat-interval",
@@ -191,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--artifact-dir", help=ARTIFACT_DIR_HELP)
     dash.set_defaults(run=_dashboard)
 
+    ls = sub.add_parser(
+        "studies", help="list the studies in a storage: role, trials, best F1, model, data"
+    )
+    ls.add_argument("--storage", default=DEFAULT_URL, help=f"Optuna storage URL ({DEFAULT_URL})")
+    ls.set_defaults(run=_studies)
+
     _add_winner_commands(sub)
     add_bench_command(sub)
     return parser
@@ -219,7 +229,8 @@ def _add_winner_commands(sub: argparse._SubParsersAction) -> None:
     )
     ev.add_argument(
         "--data-dir",
-        help=f"the study's Banking77 folder (default ${DATA_DIR_ENV}, else the Hub)",
+        help=f"data to measure on (default: the study's, else ${DATA_DIR_ENV}, else the Hub); "
+        "another folder with the same intents is measured and labelled as other data",
     )
     ev.add_argument("--device", choices=DEVICES, default="auto", help="where to predict (auto)")
     ev.add_argument(
@@ -254,9 +265,14 @@ def _add_winner_commands(sub: argparse._SubParsersAction) -> None:
     pr.set_defaults(run=_predict)
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace, fixed: tuple[str, ...] = recipe.FIXED) -> StudyConfig:
+    """Flags > config file > the study's recipe (when the study exists) > defaults."""
     file_values = read_config_file(args.config) if args.config else None
-    return make_config(vars(args), file_values)
+    given = given_values(vars(args), file_values)
+    url = given.get("storage", StudyConfig.storage)
+    name = given.get("study_name", StudyConfig.study_name)
+    made_with = recipe.load(url, name) or recipe.load(url, name + BASELINE_SUFFIX)
+    return validate(replace(StudyConfig(), **recipe.merge(given, made_with, name, fixed)))
 
 
 def _optimize(args: argparse.Namespace) -> int:
@@ -315,7 +331,8 @@ def _confirm(args: argparse.Namespace) -> int:
     from study.confirm import run_confirm
     from study.table import format_confirm_table
 
-    cfg = _config(args)
+    # --epochs here is the runs' own budget, not the study's: it may differ from the recipe
+    cfg = _config(args, fixed=tuple(k for k in recipe.FIXED if k != "epochs"))
     study, _ = run_confirm(cfg, args.top, args.seeds, epochs=args.epochs)
     where = f"{study.study_name!r} in {redact(cfg.storage)}"
     print(f"\nstudy {where}: mean ± 95% interval half-width over seeds")
@@ -341,6 +358,14 @@ def _report(args: argparse.Namespace) -> int:
     out = Path(args.out or f"artifacts/reports/{args.study_name}")
     written = write_reports(study, baseline, out, confirm)
     print(f"wrote {len(written)} files to {out}; open {out / 'index.html'}")
+    return 0
+
+
+def _studies(args: argparse.Namespace) -> int:
+    from storage import get_storage
+    from study.studies import list_studies
+
+    print(list_studies(get_storage(args.storage, heartbeat=None, create=False)))
     return 0
 
 

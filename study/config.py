@@ -7,6 +7,7 @@ the defaults here.
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -44,7 +45,7 @@ class StudyConfig:
     sampler: str = "tpe"
     pruner: str = "hyperband"
     space: str = "default"  # `default`, `extended` or a TOML file
-    progress: bool = True
+    progress: bool | None = None  # None: bars on a terminal, one plain line per epoch otherwise
     workers: int = 1  # parallel worker processes on this machine, sharing the storage
     # None: --seed. Worker k of --workers uses sampler_seed + k; separate processes (other
     # machines) need their own, or their random start-up trials would repeat each other's.
@@ -93,11 +94,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return doc
 
 
-def make_config(cli: dict[str, Any], file_values: dict[str, Any] | None = None) -> StudyConfig:
-    """Merge defaults, config file and the flags that were given (None = not given)."""
+def given_values(cli: dict[str, Any], file_values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config file's values, then the flags that were given (None = not given)."""
     values = dict(file_values or {})
     values.update({k: v for k, v in cli.items() if k in _FIELDS and v is not None})
-    return validate(replace(StudyConfig(), **values))
+    return values
 
 
 def validate(cfg: StudyConfig) -> StudyConfig:
@@ -133,4 +134,6 @@ def validate(cfg: StudyConfig) -> StudyConfig:
         raise ConfigError("--study-name must not be empty")
     if cfg.study_name.endswith(BASELINE_SUFFIX):
         raise ConfigError(f"--study-name must not end with {BASELINE_SUFFIX}: that is the baseline")
+    if cfg.progress is None:
+        cfg = replace(cfg, progress=sys.stderr.isatty())
     return cfg

@@ -33,6 +33,7 @@ from study.runner import (
     open_study,
     prepare_run,
     study_identity,
+    study_recipe,
 )
 from study.table import best_trials
 
@@ -173,7 +174,11 @@ def run_confirm(
     check_identity(cfg.study_name, lora, identity)  # same model and data, or refuse
     seeds = [cfg.seed + 1 + i for i in range(n_seeds)]
     jobs = plan_jobs(lora, baseline, top, seeds, epochs)
-    study = open_study(storage, confirm_name(cfg.study_name), identity, pruner=None)
+    made_with = {**study_recipe(cfg, prep, with_space=False), "source_study": cfg.study_name}
+    made_with.pop("epochs", None)  # each run trains as many epochs as its source trial
+    study = open_study(
+        storage, confirm_name(cfg.study_name), identity, pruner=None, made_with=made_with
+    )
     waiting = queue_jobs(study, jobs)
     print(
         f"confirm: {len(jobs)} runs ({top} best LoRA trial(s) and the baseline, seeds "

@@ -112,10 +112,19 @@ def serve(
     artifact_dir: str | None = None,
 ) -> int:
     """Serve optuna-dashboard for `storage_url` until Ctrl-C or SIGTERM; returns the exit code."""
+    from study.studies import all_studies
     from study.winners import default_artifact_dir, open_store
 
     check_port(port)
     storage = get_storage(storage_url, heartbeat=None, create=False)
+    recorded = {
+        s.user_attrs["artifact_dir"]
+        for s in all_studies(storage)
+        if isinstance(s.user_attrs.get("artifact_dir"), str)
+    }
+    # The store the studies were made with, when they agree on one; else the default.
+    if artifact_dir is None and len(recorded) == 1:
+        artifact_dir = recorded.pop()
     folder = Path(artifact_dir) if artifact_dir else default_artifact_dir(storage_url)
     server = make_dashboard_server(storage, host, port, open_store(folder))
     try:

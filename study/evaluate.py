@@ -23,6 +23,7 @@ from objectives.data import DATA_DIR_ENV, IntentData, encode, load_data
 from objectives.metrics import accuracy, confusion_matrix, macro_f1, per_class_f1
 from objectives.train import detect_device, predict, prepare_split
 from objectives.weights import Restored, atomic_folder, inference_dtype
+from study import recipe
 from study.winners import WinnersError, heldout_fingerprint, restore_trial, trial_summary
 
 SPLITS = ("val", "test")
@@ -53,6 +54,36 @@ def check_data(restored: Restored, data: IntentData, source: str) -> None:
             f"the validation or test texts in {source} differ from those the trial was measured "
             "on; pass the --data-dir the study used"
         )
+
+
+def check_labels(restored: Restored, data: IntentData, source: str) -> None:
+    if tuple(data.label_names) != restored.info.labels:
+        raise WinnersError(
+            f"the intents in {source} differ from the {len(restored.info.labels)} the trial was "
+            "trained on: the model cannot be measured on them"
+        )
+
+
+def evaluation_data(
+    given: str | None, made_with: dict[str, Any], study_name: str
+) -> tuple[str | None, bool]:
+    """(data folder or None for the Hub, whether it is other data than the study's).
+
+    Not given: the study's own data (its recipe), else $BANKING77_DATA_DIR, else the Hub.
+    Given and different from the study's: allowed, and labelled as other data.
+    """
+    recorded = made_with.get("data_source")
+    if given is not None:
+        return given, recorded is not None and recipe.data_source(given) != recorded
+    if recorded is not None:
+        folder = recipe.defaults(made_with)["data_dir"]
+        if folder is not None and not Path(folder).is_dir():
+            raise WinnersError(
+                f"study {study_name!r} was made with the data folder {folder}, which no longer "
+                "exists; pass --data-dir with the same Banking77 CSVs"
+            )
+        return folder, False
+    return os.environ.get(DATA_DIR_ENV) or None, False
 
 
 def recompute(restored: Restored, data: IntentData, split: str, device: torch.device) -> Recomputed:
@@ -149,9 +180,13 @@ def evaluate_trial(
     name, trial, restored = restore_trial(storage_url, store_dir, study_name, which)
     folder = Path(out) if out is not None else default_out(name, trial.number, split)
     _check_out(folder)
-    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+    made_with = recipe.load(storage_url, study_name) or recipe.load(storage_url, name)
+    data_dir, other = evaluation_data(data_dir, made_with, study_name)
     data = load_data(data_dir)  # val and test do not depend on --max-train-samples
-    check_data(restored, data, data.source)
+    if other:  # another test set is the point: the model's intents must still match
+        check_labels(restored, data, data.source)
+    else:
+        check_data(restored, data, data.source)
     result = recompute(restored, data, split, device)
     prefix = "val" if split == "val" else "test"
     stored = {
@@ -159,6 +194,13 @@ def evaluate_trial(
         "accuracy": trial.user_attrs.get(f"{prefix}_accuracy"),
     }
     doc = metrics_doc(result, trial_summary(name, trial), stored)
+    doc["data"] = {
+        "source": recipe.data_source(data_dir),
+        "study_data": made_with.get("data_source"),
+        "other_than_study": other,
+    }
+    if other:  # the stored values were measured on the study's data: nothing to match
+        doc["matches_stored"] = None
     title = f"{name} trial {trial.number}: {split} macro-F1 {result.f1:.4f}"
     with atomic_folder(folder, replace=True) as tmp:
         write_evaluation(tmp, result, doc, title)

@@ -27,7 +27,7 @@ from objectives.config import (
     is_neighbour,
 )
 from objectives.data import IntentData, encode, load_data
-from objectives.model import load_pretrained
+from objectives.model import load_pretrained, model_fingerprint
 from objectives.objective import (
     TRIAL_FAILURES,
     BaselineObjective,
@@ -38,9 +38,10 @@ from objectives.objective import (
 from objectives.space import Space, load_space
 from objectives.train import detect_device, prepare
 from storage import get_storage, parse_url
+from study import recipe
 from study.config import BASELINE_SUFFIX, ConfigError, StudyConfig
 from study.notes import DashboardNotes
-from study.winners import keeping_weights
+from study.winners import artifact_dir, keeping_weights
 
 OBJECTIVE_NAME = "val_macro_f1"
 DIRECTION = "maximize"
@@ -61,6 +62,7 @@ class Prepared:
     ctx: RunContext
     space: Space
     data: IntentData
+    model_fingerprint: str | None = None  # of the model's files, for the study's recipe
 
 
 def prepare_run(cfg: StudyConfig, need_space: bool = True) -> Prepared:
@@ -79,7 +81,7 @@ def prepare_run(cfg: StudyConfig, need_space: bool = True) -> Prepared:
         label_names=tuple(data.label_names),
         progress=cfg.progress,
     )
-    return Prepared(ctx, space, data)
+    return Prepared(ctx, space, data, model_fingerprint(cfg.model))
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -112,9 +114,22 @@ def study_identity(cfg: StudyConfig, prep: Prepared, with_space: bool) -> dict[s
         "direction": DIRECTION,
         "objective": OBJECTIVE_NAME,
     }
+    if prep.model_fingerprint is not None:
+        ident["model_fingerprint"] = prep.model_fingerprint  # same path, other weights: refused
     if with_space:
         ident["space"] = prep.space.definition()
     return ident
+
+
+def study_recipe(cfg: StudyConfig, prep: Prepared, with_space: bool) -> dict[str, Any]:
+    """How the study was made (`study.recipe`), stored when it is created."""
+    return recipe.make_recipe(
+        cfg,
+        prep.ctx.data_fingerprint,
+        prep.model_fingerprint,
+        prep.space.definition() if with_space else None,
+        artifact_dir(cfg.artifact_dir, cfg.storage),
+    )
 
 
 def open_study(
@@ -123,8 +138,10 @@ def open_study(
     identity: dict[str, Any],
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
+    made_with: dict[str, Any] | None = None,
 ) -> optuna.Study:
-    """Load the study if it exists (refusing one made differently), else create it."""
+    """Load the study if it exists (refusing one made differently), else create it; either
+    way it remembers `made_with`, its recipe (keys it already has are kept)."""
     try:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:
@@ -140,8 +157,10 @@ def open_study(
             study.set_metric_names([OBJECTIVE_NAME])
             for key, value in identity.items():
                 study.set_user_attr(key, value)
+            recipe.record(study, made_with or {})
             return study
     check_identity(name, study, identity)
+    recipe.record(study, made_with or {})
     return study
 
 
@@ -183,7 +202,11 @@ def ensure_baseline(
     queued first and the queue is then trained, so an interrupted call resumes where it stopped.
     """
     study = open_study(
-        storage, cfg.baseline_name, study_identity(cfg, prep, with_space=False), pruner=None
+        storage,
+        cfg.baseline_name,
+        study_identity(cfg, prep, with_space=False),
+        pruner=None,
+        made_with=study_recipe(cfg, prep, with_space=False),
     )
     optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
@@ -255,6 +278,7 @@ def optimize_worker(cfg: StudyConfig, n_trials: int, worker: int, prep: Prepared
         study_identity(cfg, prep, with_space=True),
         sampler=make_sampler(cfg.sampler, cfg.sampler_base_seed + worker),
         pruner=make_pruner(cfg.pruner, cfg.epochs),
+        made_with=study_recipe(cfg, prep, with_space=True),
     )
     objective = LoraObjective(prep.space, train_config(cfg), keeping_weights(prep, cfg))
     study.optimize(
@@ -309,7 +333,10 @@ def run_workers(
     """`cfg.n_trials` new LoRA trials, shared among `cfg.workers` processes (this one included),
     each with its own model copy, all writing to `storage` (that of `cfg.storage`)."""
     identity = study_identity(cfg, prep, with_space=True)
-    lora = open_study(storage, cfg.study_name, identity)  # created here, before workers race for it
+    # created here, before the workers race for it
+    lora = open_study(
+        storage, cfg.study_name, identity, made_with=study_recipe(cfg, prep, with_space=True)
+    )
     DashboardNotes(storage, cfg.baseline_name).refresh(lora)  # shown before the first trial ends
     quotas = split_trials(cfg.n_trials, cfg.workers)
     # spawn, not fork: CUDA and the tokenizer's threads do not survive a fork

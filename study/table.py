@@ -61,12 +61,19 @@ def format_table(lora: Sequence[FrozenTrial], baseline: Sequence[FrozenTrial], t
     return _aligned(COLUMNS, rows)
 
 
-def _aligned(columns: Sequence[str], rows: list[list[str]]) -> str:
-    """Header and rows, each column right-aligned to its widest cell."""
+def _aligned(columns: Sequence[str], rows: list[list[str]], left: Sequence[str] = ()) -> str:
+    """Header and rows, each column aligned to its widest cell: right (numbers), or left for
+    the columns named in `left` (names, paths), whose last column is not padded."""
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
+
+    def line(cells: Sequence[str]) -> str:
+        out = [
+            v.ljust(w) if c in left else v.rjust(w)
+            for v, w, c in zip(cells, widths, columns, strict=True)
+        ]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(columns), *(line(r) for r in rows)])
 
 
 def _pm(interval, fmt: str) -> str:

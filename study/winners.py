@@ -41,6 +41,7 @@ from objectives.weights import (
     unarchive,
 )
 from storage import get_storage, parse_url
+from study import recipe
 from study.config import BASELINE_SUFFIX, StudyConfig
 from study.table import best_trials
 
@@ -262,6 +263,9 @@ def restore_trial(
     """(study name, trial, its model at the best epoch) for `--trial N|best|baseline`."""
     storage = get_storage(storage_url, heartbeat=None, create=False)
     name, trial = find_trial(storage, study_name, which)
+    if store_dir is None:  # the store the study was made with (its recipe), else the default
+        made_with = recipe.load(storage_url, study_name) or recipe.load(storage_url, name)
+        store_dir = made_with.get("artifact_dir")
     with tempfile.TemporaryDirectory(prefix="weights-") as tmp:
         fetch_weights(artifact_dir(store_dir, storage_url), name, trial, Path(tmp))
         restored = load_weights(Path(tmp))

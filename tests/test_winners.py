@@ -441,9 +441,11 @@ def test_export_never_leaves_a_half_written_folder(
     assert sorted(os.listdir(tmp_path)) == ["existing"]
 
 
-def test_evaluate_refuses_other_data_and_foreign_folders(
+def test_evaluate_on_other_data_is_labelled_and_other_intents_refused(
     kept_study: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
+    import json
+
     from conftest import make_rows, write_intent_csv
 
     other = tmp_path / "other_data"
@@ -452,8 +454,23 @@ def test_evaluate_refuses_other_data_and_foreign_folders(
     write_intent_csv(other / "test.csv", make_rows(20, seed=9))  # other test texts
     base = ["evaluate", "--storage", kept_study.url, "--trial", "0", "--device", "cpu"]
     code, _, err = run_cli(capsys, *base, "--data-dir", str(other), "--out", str(tmp_path / "e"))
-    assert_user_error(code, err, "differ from those the trial was measured on")
-    assert not (tmp_path / "e").exists()
+    assert code == 0, err
+    doc = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert doc["data"]["other_than_study"] is True
+    assert doc["data"]["source"] == str(other.resolve())
+    assert doc["data"]["study_data"] == str(kept_study.data.resolve())
+    assert doc["matches_stored"] is None  # stored values were measured on the study's data
+
+    fewer = tmp_path / "fewer_intents"
+    fewer.mkdir()
+    rows = [r for r in make_rows(80, seed=1) if r[1] != "card_arrival"]
+    write_intent_csv(fewer / "train.csv", rows)
+    write_intent_csv(
+        fewer / "test.csv", [r for r in make_rows(20, seed=9) if r[1] != "card_arrival"]
+    )
+    code, _, err = run_cli(capsys, *base, "--data-dir", str(fewer), "--out", str(tmp_path / "f"))
+    assert_user_error(code, err, "the model cannot be measured on them")
+    assert not (tmp_path / "f").exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

@@ -1,0 +1,105 @@
+"""`python -m study studies`: what a storage holds, one line per study.
+
+For each study: its role (the LoRA study, its full fine-tuning baseline, the seed repeats of
+`confirm`), its trials by state, the best validation F1 and the trial that reached it (for a
+baseline study the fixed run, never a learning-rate neighbour), the baseline's F1 beside each LoRA
+study, and the model and data it was made with (its recipe). Optuna's own `optuna studies
+--storage URL` keeps working on the same storage: these are ordinary Optuna studies.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from study.config import BASELINE_SUFFIX, CONFIRM_SUFFIX
+from study.table import _aligned, best_trials
+
+COLUMNS = ("study", "role", "trials", "best val F1", "baseline val F1", "model", "data")
+WIDE = 40  # longer model or data paths keep their end, where the name is
+
+
+def role_of(name: str) -> str:
+    if name.endswith(BASELINE_SUFFIX):
+        return "baseline"
+    if name.endswith(CONFIRM_SUFFIX):
+        return "confirm"
+    return "LoRA study"
+
+
+def state_counts(trials: Sequence[FrozenTrial]) -> str:
+    counts = Counter(t.state.name.lower() for t in trials)
+    parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    return f"{len(trials)}" + (f" ({parts})" if parts else "")
+
+
+def best_text(trials: Sequence[FrozenTrial]) -> str:
+    best = best_trials(trials, 1)
+    return f"{best[0].value:.4f} (#{best[0].number})" if best else "-"
+
+
+def _short(text: object) -> str:
+    text = "-" if text is None else str(text)
+    return text if len(text) <= WIDE else "..." + text[-(WIDE - 3) :]
+
+
+@dataclass(frozen=True)
+class StudyLine:
+    name: str
+    role: str
+    trials: str
+    best: str
+    baseline: str
+    model: str
+    data: str
+
+    def cells(self) -> list[str]:
+        return [self.name, self.role, self.trials, self.best, self.baseline, self.model, self.data]
+
+
+def study_lines(studies: Sequence[optuna.Study]) -> list[StudyLine]:
+    """One line per study, by name; each LoRA study is followed by its baseline and confirm."""
+    trials = {s.study_name: s.get_trials(deepcopy=False) for s in studies}
+    lines = []
+    for s in studies:
+        name, attrs = s.study_name, s.user_attrs
+        role = role_of(name)
+        baseline = trials.get(name + BASELINE_SUFFIX) if role == "LoRA study" else None
+        lines.append(
+            StudyLine(
+                name=name,
+                role=role,
+                trials=state_counts(trials[name]),
+                best=best_text(trials[name]),
+                baseline=best_text(baseline) if baseline is not None else "-",
+                model=_short(attrs.get("model")),
+                data=_short(attrs.get("data_source", attrs.get("data_fingerprint"))),
+            )
+        )
+    family = {line.name: line.name.removesuffix(BASELINE_SUFFIX).removesuffix(CONFIRM_SUFFIX)
+              for line in lines}  # fmt: skip
+    order = {"LoRA study": 0, "baseline": 1, "confirm": 2}
+    return sorted(lines, key=lambda line: (family[line.name], order[line.role]))
+
+
+def format_studies(lines: Sequence[StudyLine]) -> str:
+    if not lines:
+        return "no studies in this storage"
+    return _aligned(
+        COLUMNS, [line.cells() for line in lines], left=("study", "role", "model", "data")
+    )
+
+
+def all_studies(storage: optuna.storages.BaseStorage) -> list[optuna.Study]:
+    return [
+        optuna.load_study(study_name=name, storage=storage)
+        for name in optuna.get_all_study_names(storage)
+    ]
+
+
+def list_studies(storage: optuna.storages.BaseStorage) -> str:
+    return format_studies(study_lines(all_studies(storage)))
