@@ -269,6 +269,7 @@ def _config(args: argparse.Namespace, fixed: tuple[str, ...] = recipe.FIXED) -> 
     """Flags > config file > the study's recipe (when the study exists) > defaults."""
     file_values = read_config_file(args.config) if args.config else None
     given = given_values(vars(args), file_values)
+    validate(replace(StudyConfig(), **given))  # a bad value is named as such, study or not
     url = given.get("storage", StudyConfig.storage)
     name = given.get("study_name", StudyConfig.study_name)
     made_with = recipe.load(url, name) or recipe.load(url, name + BASELINE_SUFFIX)
