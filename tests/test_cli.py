@@ -132,7 +132,8 @@ def _bytes(path: Path) -> bytes:
         (["--storage", "postgres://u:secret@localhost/db"], "postgresql://"),
         (["--space", "BAD"], "search-space file not found"),
         (["--max-train-samples", "100"], "was made with data_fingerprint"),
-        (["--model", "/nonexistent/model"], "cannot load model"),
+        (["--model", "/nonexistent/model", "--study-name", "new"], "cannot load model"),
+        (["--model", "/nonexistent/model"], "was made with model"),  # the study's is another
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_storage_untouched(
