@@ -18,11 +18,12 @@ from objectives.weights import WeightsError
 from storage import DEFAULT_URL, StorageError, redact
 from study.bench import add_bench_command
 from study.config import (
-    DEVICES,
+    DEVICE_HELP,
     KEEP_POLICIES,
     PRUNERS,
     SAMPLERS,
     ConfigError,
+    device_arg,
     make_config,
     read_config_file,
 )
@@ -65,7 +66,12 @@ def _add_run_flags(
     )
     p.add_argument("--epochs", type=int, help=epochs_help)
     p.add_argument("--seed", type=int, help="training seed of every run and the sampler seed (42)")
-    p.add_argument("--device", choices=DEVICES, help="where to train (auto: cuda, mps, then cpu)")
+    p.add_argument(
+        "--device",
+        type=device_arg,
+        help=f"where to train: {DEVICE_HELP} (auto: cuda, mps, then cpu; with --workers, "
+        "auto and cuda put worker k on GPU k mod the number of GPUs)",
+    )
     p.add_argument(
         "--no-mixed-precision",
         dest="mixed_precision",
@@ -202,7 +208,9 @@ def _add_winner_commands(sub: argparse._SubParsersAction) -> None:
         "--data-dir",
         help=f"the study's Banking77 folder (default ${DATA_DIR_ENV}, else the Hub)",
     )
-    ev.add_argument("--device", choices=DEVICES, default="auto", help="where to predict (auto)")
+    ev.add_argument(
+        "--device", type=device_arg, default="auto", help=f"where to predict: {DEVICE_HELP} (auto)"
+    )
     ev.add_argument(
         "--out",
         help="output folder (default artifacts/evaluations/<study>/trial-<N>-<split>); "
@@ -225,7 +233,9 @@ def _add_winner_commands(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
     pr.add_argument("--input", help="a CSV file with a header and a 'text' column")
     pr.add_argument("--top-k", type=int, default=3, help="intents shown per text (3)")
-    pr.add_argument("--device", choices=DEVICES, default="auto", help="where to predict (auto)")
+    pr.add_argument(
+        "--device", type=device_arg, default="auto", help=f"where to predict: {DEVICE_HELP} (auto)"
+    )
     pr.add_argument(
         "--no-mixed-precision",
         dest="mixed_precision",
