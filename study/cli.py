@@ -27,6 +27,7 @@ from study.config import (
     make_config,
     read_config_file,
 )
+from study.devicecheck import add_device_check_command
 from study.predict import PredictError
 from study.winners import WinnersError
 
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_winner_commands(sub)
     add_bench_command(sub)
+    add_device_check_command(sub)
     return parser
 
 
