@@ -527,14 +527,10 @@ def run_check(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {"device_check": "running", "version": 1}
-    phases: dict[str, float] = {}
 
     def phase(name: str, run: Callable[[], Any]) -> None:
         log(f"device-check: {name} ({time.perf_counter() - started:.0f} s so far)")
-        t0 = time.perf_counter()
-        doc[name] = run()
-        phases[name] = round(time.perf_counter() - t0, 1)
-        doc["phase_s"] = phases
+        run_phase(doc, name, run, log)
         (out / JSON_NAME).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
     with tempfile.TemporaryDirectory(prefix="device-check-") as tmp:
@@ -550,17 +546,50 @@ def run_check(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         shutil.rmtree(work / "weights", ignore_errors=True)
     doc["targets"] = targets(doc)
     doc["wall_s"] = round(time.perf_counter() - started, 1)
-    doc["checks"] = {
-        "memory_flat": doc["study"]["memory"]["flat"],  # None: not judged (CPU)
-        "no_failed_trials": doc["study"]["states"].get("FAIL", 0) == 0,
-        "baseline_complete": [t["state"] for t in doc["study"]["baseline"]] == ["COMPLETE"],
-        "graphs_taken": doc["study"]["graphs"]["taken"],  # informative: CPUs never take them
-    }
-    judged = ("memory_flat", "no_failed_trials", "baseline_complete")
-    problems = [k for k in judged if doc["checks"][k] is False]
-    doc["device_check"] = "problems: " + ", ".join(problems) if problems else "ok"
+    doc["checks"] = checks(doc)
+    doc["device_check"] = verdict(doc["checks"])
     (out / JSON_NAME).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     return doc
+
+
+def run_phase(
+    doc: dict[str, Any], name: str, run: Callable[[], Any], log: Callable[[str], None]
+) -> None:
+    """`doc[name] = run()`, timed into `doc["phase_s"]`. A phase that raises is recorded as
+    `{"error": ...}` (its traceback goes to the log) and the next phase still runs: a GPU
+    session gets one try, and the other phases' figures are worth having."""
+    t0 = time.perf_counter()
+    try:
+        doc[name] = run()
+    except Exception as e:  # noqa: BLE001 - recorded in the JSON, and the check goes on
+        import traceback
+
+        log(traceback.format_exc().rstrip())
+        doc[name] = {"error": f"{type(e).__name__}: {str(e).strip()[:500]}"}
+    doc.setdefault("phase_s", {})[name] = round(time.perf_counter() - t0, 1)
+
+
+def checks(doc: dict[str, Any]) -> dict[str, Any]:
+    """What must hold on any machine; None where it cannot be judged."""
+    study = doc.get("study") or {}
+    ran = bool(study) and "error" not in study
+    errors = {k: v["error"] for k, v in doc.items() if isinstance(v, dict) and "error" in v}
+    return {
+        "phase_errors": errors,
+        "memory_flat": (study.get("memory") or {}).get("flat"),  # None: not judged (CPU)
+        "no_failed_trials": study["states"].get("FAIL", 0) == 0 if ran else None,
+        "baseline_complete": (
+            [t["state"] for t in study["baseline"]] == ["COMPLETE"] if ran else None
+        ),
+        "graphs_taken": (study.get("graphs") or {}).get("taken"),  # CPUs never take them
+    }
+
+
+def verdict(found: dict[str, Any]) -> str:
+    problems = [f"{name} failed" for name in found["phase_errors"]]
+    judged = ("memory_flat", "no_failed_trials", "baseline_complete")
+    problems += [name for name in judged if found[name] is False]
+    return "problems: " + ", ".join(problems) if problems else "ok"
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from study.devicecheck import pinned_gpu_env
+from study.devicecheck import checks, pinned_gpu_env, run_phase, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN = ("plotly", "matplotlib", "optuna_dashboard", "datasets", "kaleido")
@@ -157,6 +157,13 @@ def test_device_check_runs_its_tiny_version_on_a_cpu_and_prints_every_figure(
         assert targets[name]["value"] is not None and targets[name]["target"] > 0
     assert {"memory_flat", "judged"} <= set(targets)
     assert set(doc["phase_s"]) == {"environment", "study", "bench", "workers"}
+    assert doc["checks"] == {
+        "phase_errors": {},
+        "memory_flat": None,
+        "no_failed_trials": True,
+        "baseline_complete": True,
+        "graphs_taken": False,
+    }
 
 
 def study_trials(doc: dict) -> int:
@@ -175,3 +182,16 @@ def test_several_gpus_check_one_at_a_time() -> None:
     assert pinned_gpu_env(1, 2, {})["CUDA_VISIBLE_DEVICES"] == "1"
     assert pinned_gpu_env(1, 2, {"CUDA_VISIBLE_DEVICES": "4, 6"})["CUDA_VISIBLE_DEVICES"] == "6"
     assert pinned_gpu_env(0, 1, {"X": "y"}) == {"X": "y", "CUDA_VISIBLE_DEVICES": "0"}
+
+
+def test_a_failing_phase_is_recorded_and_the_check_goes_on() -> None:
+    doc: dict = {}
+    lines: list[str] = []
+    run_phase(doc, "bench", lambda: 1 / 0, lines.append)
+    run_phase(doc, "workers", lambda: {"runs": []}, lines.append)
+    assert doc["bench"] == {"error": "ZeroDivisionError: division by zero"}
+    assert doc["workers"] == {"runs": []} and set(doc["phase_s"]) == {"bench", "workers"}
+    assert "Traceback" in lines[0]
+    found = checks(doc)
+    assert found["phase_errors"] == {"bench": "ZeroDivisionError: division by zero"}
+    assert verdict(found) == "problems: bench failed"
