@@ -155,6 +155,7 @@ def test_device_check_runs_its_tiny_version_on_a_cpu_and_prints_every_figure(
     assert targets["judged"] is False
     for name in ("bench_speedup_full", "bench_speedup_lora", "workers_4_vs_1"):
         assert targets[name]["value"] is not None and targets[name]["target"] > 0
+        assert targets[name]["met"] is None  # CPU figures are shown, not judged
     assert {"memory_flat", "judged"} <= set(targets)
     assert set(doc["phase_s"]) == {"environment", "study", "bench", "workers"}
     assert doc["checks"] == {
@@ -195,3 +196,31 @@ def test_a_failing_phase_is_recorded_and_the_check_goes_on() -> None:
     found = checks(doc)
     assert found["phase_errors"] == {"bench": "ZeroDivisionError: division by zero"}
     assert verdict(found) == "problems: bench failed"
+
+
+def test_targets_are_judged_on_cuda_only() -> None:
+    from study.devicecheck import targets
+
+    doc = {
+        "environment": {"device": "cuda:0"},
+        "bench": {"full": {"speedup": 5.5}, "lora": {"speedup": 7.0}},
+        "workers": {
+            "runs": [
+                {"workers": 1, "trials_per_hour": 100.0, "steady_trials_per_hour": 120.0},
+                {"workers": 4, "trials_per_hour": 310.0, "steady_trials_per_hour": 420.0},
+            ]
+        },
+        "study": {"memory": {"max_growth_mb": 0.5, "flat": True}},
+    }
+    found = targets(doc)
+    assert found["judged"] is True
+    assert [found[k]["met"] for k in ("bench_speedup_full", "bench_speedup_lora")] == [True, False]
+    assert found["workers_4_vs_1"] == {
+        "value": 3.1,
+        "target": 3.0,
+        "met": True,
+        "steady_value": 3.5,
+    }
+    assert found["memory_flat"]["met"] is True
+    cpu = targets({**doc, "environment": {"device": "cpu"}})
+    assert cpu["judged"] is False and cpu["bench_speedup_full"]["met"] is None
