@@ -67,14 +67,26 @@ class PruneFirst(optuna.pruners.BasePruner):
 # ----------------------------------------------------------------------------- 1: memory
 
 
+class Held:
+    """Weak references to a model and to each of its parameters: a model object can be gone
+    while its parameters (the device memory) live on in an optimizer or a closure."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.refs = [weakref.ref(model)] + [weakref.ref(p) for p in model.parameters()]
+
+    def alive(self) -> bool:
+        return any(r() is not None for r in self.refs)
+
+
 def test_pruned_and_failed_trials_free_their_model_before_the_next_trial_trains(
     ctx, monkeypatch
 ) -> None:
     """Trial 0 is pruned, 1 fails on a NaN loss, 2 runs out of memory while evaluating, 3 in
-    the middle of a training step (inside the closures that run it); each model must be gone
-    when the next trial starts training. The garbage collector is off, as it may well be
-    between two trials: only the trial's own release path may free them."""
-    refs: list[weakref.ref] = []
+    the middle of a training step (inside the closures that run it); each model, and every one
+    of its parameters (what holds device memory), must be gone when the next trial starts
+    training. The garbage collector is off, as it may well be between two trials: only the
+    trial's own release path may free them."""
+    refs: list[Held] = []
     alive_at_start: list[list[int]] = []
     real_build, real_train, real_evaluate = O.build_model, O.train, T.evaluate
     real_forward = T.make_forward
@@ -86,11 +98,11 @@ def test_pruned_and_failed_trials_free_their_model_before_the_next_trial_trains(
                 for p in model.parameters():
                     if p.requires_grad:
                         p.fill_(float("nan"))
-        refs.append(weakref.ref(model))
+        refs.append(Held(model))
         return model
 
     def train(model, *args, **kwargs):
-        alive_at_start.append([i for i, r in enumerate(refs[:-1]) if r() is not None])
+        alive_at_start.append([i for i, r in enumerate(refs[:-1]) if r.alive()])
         return real_train(model, *args, **kwargs)
 
     def evaluate(*args, **kwargs):
@@ -362,17 +374,17 @@ def test_out_of_memory_during_capture_trains_eagerly(ctx, monkeypatch) -> None:
 
 def test_out_of_memory_in_the_first_graphed_step_retries_the_trial_eagerly(ctx, monkeypatch):
     _capture_with(monkeypatch, _slow_capture(0.0, fail_first_step=True))
-    refs: list[weakref.ref] = []
+    refs: list[Held] = []
     alive_at_start: list[list[int]] = []
     real_build, real_train = O.build_model, O.train
 
     def build(base, cfg):
         model = real_build(base, cfg)
-        refs.append(weakref.ref(model))
+        refs.append(Held(model))
         return model
 
     def train(model, *args, **kwargs):
-        alive_at_start.append([i for i, r in enumerate(refs[:-1]) if r() is not None])
+        alive_at_start.append([i for i, r in enumerate(refs[:-1]) if r.alive()])
         return real_train(model, *args, **kwargs)
 
     monkeypatch.setattr(O, "build_model", build)
