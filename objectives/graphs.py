@@ -12,8 +12,16 @@ LoRA ranks and trials never wait for a compiler.
 
 The optimizer step, gradient clipping and the schedule stay eager: fused AdamW is a handful of
 launches. Where graphs cannot work (CPUs, Apple GPUs, fp16 with its loss scaler, models the lean
-BERT forward does not cover) or capture fails, `capture_train_step` returns None and the loop
-runs eagerly; setting the environment variable `STUDY_CUDA_GRAPHS=0` forces that too.
+BERT forward does not cover) or capture fails, `capture_train_step` gives no step (and says why)
+and the loop runs eagerly; setting the environment variable `STUDY_CUDA_GRAPHS=0` forces that too.
+
+Graphs cost memory the eager loop does not spend: each bucket's pool keeps its own full set of
+gradients, the bf16 copies of the weights autocast makes, and the activations of a batch of its
+length, for as long as the graphs live. Full fine-tuning of bert-base with eight buckets holds
+about 8 x 0.44 GB of gradients alone. So capture first estimates that memory
+(`graph_memory_bytes`) and trains eagerly when it, with the optimizer state still to come,
+does not fit the free device memory; running out of memory during capture falls back to eager
+too (the trainer handles the first step, see `objectives.train.GraphMemoryError`).
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ from objectives.fastbert import BertParts, bert_logits, torch_dropout
 IGNORE_LABEL = -100  # cross_entropy's default ignore_index
 GRAPHS_ENV = "STUDY_CUDA_GRAPHS"
 WARMUP_ITERS = 2  # eager passes per shape before capture: lazy init stays out of the graphs
+# Share of the free device memory the graphs and the optimizer state may plan to fill: the rest
+# is for the eager parts of a step (clipping, the optimizer's temporaries) and evaluation.
+MEMORY_HEADROOM = 0.9
 
 # make_graphed_callables(callables, sample_args) -> graphed callables
 Capture = Callable[[tuple[nn.Module, ...], tuple[tuple[torch.Tensor, ...], ...]], Sequence]
@@ -143,6 +154,118 @@ class GraphedTrainStep:
         loss.backward()
         return loss.detach()
 
+    def close(self) -> None:
+        """Drop the graphs: the memory they hold is garbage from here on (see `_uncapture`)."""
+        _uncapture(self.steps)
+        self.steps = ()
+        self.buckets = []
+
+
+def _uncapture(steps: Sequence[nn.Module]) -> None:
+    """Undo make_graphed_callables' patch of each module's `forward`.
+
+    The patched `forward` is an instance attribute whose closure refers back to the module (and,
+    through the graphed callable, to the graphs, their memory pools and static buffers): a
+    reference cycle through the model that would hold all of it until the garbage collector
+    happens to run. Removing the attribute breaks the cycle through the model; the graphs' own
+    autograd Function class is still a cycle, which `objectives.train.release_memory` collects.
+    """
+    for step in steps:
+        step.__dict__.pop("forward", None)
+
+
+@dataclass(frozen=True)
+class Captured:
+    """The outcome of `capture_train_step`: a graphed step, or None and why not."""
+
+    step: GraphedTrainStep | None
+    reason: str  # "on: N buckets captured" or "off: <why>", as trials record it
+    estimate_mb: float | None = None  # estimated graph memory (before capture)
+    measured_mb: float | None = None  # device memory the capture took (CUDA only)
+
+
+def activation_bytes(
+    layers: int, hidden: int, heads: int, intermediate: int, batch: int, length: int, width: int
+) -> int:
+    """Activations one BERT training batch keeps for backward, in bytes (an estimate).
+
+    Per layer and token: about a dozen hidden-size vectors (the inputs of Q, K, V and the
+    attention output, LoRA's dropped-out copies of layer inputs, LayerNorm inputs) and four of
+    the feed-forward width (its input and output around the activation function), `width` bytes
+    each; plus two attention maps (probabilities and their dropout) per head.
+    """
+    tokens = batch * length
+    per_layer = tokens * (12 * hidden + 4 * intermediate) + 2 * heads * batch * length * length
+    return layers * per_layer * width
+
+
+def graph_memory_bytes(
+    trainable_bytes: int,
+    cast_bytes: int,
+    lengths: Sequence[int],
+    batch: int,
+    layers: int,
+    hidden: int,
+    heads: int,
+    intermediate: int,
+    width: int,
+) -> int:
+    """Device memory the graphs of all buckets hold while they live, in bytes (an estimate).
+
+    Every bucket has its own pool with its own gradients of the trainable weights
+    (`trainable_bytes`), its autocast copies of the weights (`cast_bytes`, 0 in fp32) and the
+    activations of one batch of its length.
+    """
+    fixed = trainable_bytes + cast_bytes
+    return sum(
+        fixed + activation_bytes(layers, hidden, heads, intermediate, batch, n, width)
+        for n in lengths
+    )
+
+
+def graphs_fit(graph_bytes: int, optimizer_bytes: int, free_bytes: int) -> bool:
+    """Whether the graphs, and the optimizer state created after them, fit the free memory."""
+    return graph_bytes + optimizer_bytes <= MEMORY_HEADROOM * free_bytes
+
+
+def estimate_graph_memory(
+    model: nn.Module, lengths: Sequence[int], batch: int, dtype: torch.dtype
+) -> tuple[int, int]:
+    """(graph bytes, optimizer bytes) for `model` trained on buckets of `lengths` at `batch`.
+
+    The optimizer bytes are AdamW's two moments plus one more set of gradients (the first
+    step's `.grad` may be a copy of the graph's static gradient).
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    width = torch.finfo(dtype).bits // 8
+    cast = 0
+    if dtype != torch.float32:  # autocast without its cache casts every linear weight per graph
+        cast = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)) * width
+    cfg = getattr(model, "config", None)
+    hidden = getattr(cfg, "hidden_size", 768)
+    graph = graph_memory_bytes(
+        trainable_bytes,
+        cast,
+        lengths,
+        batch,
+        layers=getattr(cfg, "num_hidden_layers", 12),
+        hidden=hidden,
+        heads=getattr(cfg, "num_attention_heads", 12),
+        intermediate=getattr(cfg, "intermediate_size", 4 * hidden),
+        width=width,
+    )
+    return graph, 3 * trainable_bytes
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation on `device` can get: the driver's free memory plus what
+    PyTorch's caching allocator holds unused. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
 
 def capture_train_step(
     model: nn.Module,
@@ -152,32 +275,83 @@ def capture_train_step(
     dtype: torch.dtype,
     device: torch.device,
     capture: Capture | None = None,
-) -> GraphedTrainStep | None:
-    """Capture one graph per bucket, or None (with the reason as a warning on failure).
+    free_bytes: int | None = None,
+) -> Captured:
+    """Capture one graph per bucket when it can work and fit; else no step, with the reason.
 
     `capture` defaults to `torch.cuda.make_graphed_callables`; tests pass an eager stand-in to
-    check the static-shape logic on a CPU.
+    check the static-shape logic on a CPU. `free_bytes` defaults to the device's free memory
+    (on CUDA; elsewhere unknown, and then not checked).
     """
     if capture is None:
         reason = graphs_unavailable(device, dtype, parts, os.environ.get(GRAPHS_ENV))
         if reason is not None:
-            return None
+            return Captured(None, f"off: {reason}")
         capture = _make_graphed_callables
     assert parts is not None
     static = [
         static_bucket(b.input_ids, b.attention_mask, b.labels) for b in buckets if len(b.labels)
     ]
     if len(static) != len(buckets):
-        return None  # an empty bucket would shift the bucket numbers; prepare never makes one
+        # an empty bucket would shift the bucket numbers; prepare never makes one
+        return Captured(None, "off: an empty length bucket")
+    graph_bytes, optimizer_bytes = estimate_graph_memory(
+        model, [b.length for b in static], batch_size, dtype
+    )
+    estimate_mb = round(graph_bytes / 2**20, 1)
+    if free_bytes is None:
+        free_bytes = free_device_bytes(device)
+    if free_bytes is not None and not graphs_fit(graph_bytes, optimizer_bytes, free_bytes):
+        return Captured(
+            None,
+            f"off: the graphs need about {graph_bytes / 2**30:.2f} GiB and the optimizer "
+            f"{optimizer_bytes / 2**30:.2f} GiB, more than {MEMORY_HEADROOM:.0%} of the "
+            f"{free_bytes / 2**30:.2f} GiB free",
+            estimate_mb,
+        )
     steps = tuple(LossStep(model, parts, dtype) for _ in static)
     samples = tuple(_sample_batch(b, batch_size) for b in static)
     model.train()
+    before = _allocated(device)
+    failure = None
     try:
         graphed = capture(steps, samples)
+    except torch.OutOfMemoryError as e:
+        failure = f"out of memory during capture ({_first_line(e)})"
     except (RuntimeError, AssertionError) as e:  # capture refused: train eagerly instead
-        warnings.warn(f"CUDA graph capture failed, training eagerly: {e}", stacklevel=2)
+        failure = f"capture failed ({_first_line(e)})"
+    if failure is not None:
+        # Only now, with the exception and its frames gone: the half-made graphs hold memory
+        # through the patched forwards until the forwards are restored and garbage collected.
+        _uncapture(steps)
+        del steps, samples
+        _collect(device)
+        warnings.warn(f"CUDA graphs: {failure}; training eagerly", stacklevel=2)
+        return Captured(None, f"off: {failure}", estimate_mb)
+    after = _allocated(device)
+    measured = None if before is None or after is None else round((after - before) / 2**20, 1)
+    step = GraphedTrainStep(static, graphed, batch_size)
+    return Captured(step, f"on: {len(static)} buckets captured", estimate_mb, measured)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:160]
+
+
+def _allocated(device: torch.device) -> int | None:
+    if device.type != "cuda":
         return None
-    return GraphedTrainStep(static, graphed, batch_size)
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _collect(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _sample_batch(b: StaticBucket, batch_size: int) -> tuple[torch.Tensor, ...]:
@@ -190,9 +364,23 @@ def _make_graphed_callables(steps, samples):
     # One capture per bucket, each with its own memory pool: graphs that share a pool are only
     # safe when they replay in the order they were captured, and buckets come in shuffled order.
     # Unused inputs (a frozen head's twin under peft, say) get None gradients, not an error.
-    return [
-        torch.cuda.make_graphed_callables(
-            step, sample, num_warmup_iters=WARMUP_ITERS, allow_unused_input=True
-        )
-        for step, sample in zip(steps, samples, strict=True)
-    ]
+    # cuBLAS workspaces are cleared around the captures (as torch's cudagraph trees do), so a
+    # workspace a graph needs is allocated inside that graph's pool and dies with it, instead
+    # of an earlier trial's workspace being reused from inside a graph or kept forever.
+    _clear_cublas_workspaces()
+    try:
+        return [
+            torch.cuda.make_graphed_callables(
+                step, sample, num_warmup_iters=WARMUP_ITERS, allow_unused_input=True
+            )
+            for step, sample in zip(steps, samples, strict=True)
+        ]
+    finally:
+        _clear_cublas_workspaces()
+
+
+def _clear_cublas_workspaces() -> None:
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # private, but torch's own
+    if clear is not None:
+        torch.cuda.synchronize()
+        clear()

@@ -7,6 +7,7 @@ user attributes (DESIGN.md), so the two studies sit side by side in reports and 
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -29,7 +30,9 @@ from objectives.predictions import encode_labels
 from objectives.space import Space
 from objectives.train import (
     EpochResult,
+    GraphMemoryError,
     PreparedData,
+    RunSetup,
     TrainingFailed,
     TrainResult,
     release_memory,
@@ -122,10 +125,36 @@ def run_trial(trial: optuna.Trial, cfg: TrainConfig, ctx: RunContext, prune: boo
             if prune and r.epoch < cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {r.epoch} (val F1 {r.val_f1:.4f})")
 
+        lost_s = 0.0  # a failed graphed attempt's time: the user waited for it too
+
+        def on_setup(s: RunSetup) -> None:
+            trial.set_user_attr("setup_time_s", s.setup_time_s + lost_s)
+            trial.set_user_attr("cuda_graphs", s.graphs)
+
         try:
             with load:
                 note_load()
-                result = train(model, cfg, ctx.data, on_epoch_end, progress=ctx.progress)
+                try:
+                    result = train(
+                        model, cfg, ctx.data, on_epoch_end, progress=ctx.progress, on_setup=on_setup
+                    )
+                except GraphMemoryError as e:
+                    # The graphs' pools and the optimizer state did not fit: once more, eagerly,
+                    # from fresh weights (the failed step may have half-updated these).
+                    lost_s, reason = e.elapsed_s, f"{e}; retried eagerly"
+                    drop_frames(e, keep_text=False)
+                    model = None
+                    release_memory(ctx.data.device)
+                    model = build_model(ctx.base_model, cfg)
+                    result = train(
+                        model,
+                        cfg,
+                        ctx.data,
+                        on_epoch_end,
+                        progress=ctx.progress,
+                        on_setup=on_setup,
+                        eager_reason=reason,
+                    )
         except torch.OutOfMemoryError as e:
             raise TrainingFailed(f"out of memory on {ctx.data.device}: {str(e)[:200]}") from e
         for key, value in {
@@ -144,10 +173,39 @@ def run_trial(trial: optuna.Trial, cfg: TrainConfig, ctx: RunContext, prune: boo
         return result.val_f1
     except TrainingFailed as e:
         trial.set_user_attr("fail_reason", str(e))
+        drop_frames(e)
+        raise
+    except optuna.TrialPruned as e:
+        drop_frames(e, keep_text=False)
         raise
     finally:
         del model
         release_memory(ctx.data.device)
+
+
+def drop_frames(e: BaseException, keep_text: bool = True) -> None:
+    """Let go of the frames an exception's traceback holds (and its chained exceptions').
+
+    A pruned or failed trial ends in an exception raised inside `train()`. Its traceback keeps
+    every frame down to the raise alive, with their variables and functions: the model, the
+    optimizer, the CUDA graphs (through `train()`'s step closures and torch's graphed callables),
+    for as long as the exception lives, and Optuna keeps it beyond the trial (in a reference
+    cycle only the garbage collector breaks). Clearing the frames' variables is not enough: a
+    frame still holds the closure it runs. So the traceback goes; its text is kept as a note on
+    the exception (`keep_text`), which Optuna's log of a failed trial prints. The next raise
+    starts a fresh traceback from the frame that raises.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        exc = todo.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if keep_text and exc.__traceback__ is not None:
+            exc.add_note("".join(traceback.format_tb(exc.__traceback__)).rstrip())
+        exc.__traceback__ = None
+        todo += [exc.__cause__, exc.__context__]
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,11 @@ split, with the same batch size, learning rate, weight decay, linear schedule wi
 gradient clipping, and the precision the device supports (bf16/fp16 on GPUs, fp32 on CPUs). It pads
 each random batch dynamically (`DataCollatorWithPadding`), as the reference runs did, and does no
 evaluation, checkpointing or reporting while it trains, so the Trainer is timed at its cheapest.
+Its setup (building the Trainer, which moves the model to the device, up to the first epoch) is
+timed apart from the epochs, as the project's loop times its own.
+
+On a machine with several visible GPUs the Trainer wraps the model in `DataParallel` and splits
+every batch over all of them; `bench` refuses that comparison (see `study.bench.one_gpu_problem`).
 """
 
 from __future__ import annotations
@@ -27,10 +32,16 @@ from objectives.train import autocast_dtype, device_bf16_supported, sync_device
 class ReferenceResult:
     epoch_times_s: list[float]  # per epoch, from the Trainer's epoch-begin to epoch-end events
     train_loss: float  # the Trainer's mean training loss over the run
+    setup_time_s: float = 0.0  # from building the Trainer to its first epoch
 
     @property
     def train_time_s(self) -> float:
         return sum(self.epoch_times_s)
+
+    @property
+    def wait_time_s(self) -> float:
+        """What a user waits for the training: setup and the epochs."""
+        return self.setup_time_s + self.train_time_s
 
 
 class _TokenDataset(torch.utils.data.Dataset):
@@ -51,7 +62,7 @@ class _TokenDataset(torch.utils.data.Dataset):
         }
 
 
-def _epoch_timer(device: torch.device, times: list[float]):
+def _epoch_timer(device: torch.device, times: list[float], begins: list[float]):
     """A callback timing each epoch; it syncs the device so queued GPU work is counted."""
     from transformers import TrainerCallback
 
@@ -59,6 +70,7 @@ def _epoch_timer(device: torch.device, times: list[float]):
         def on_epoch_begin(self, args, state, control, **kwargs):
             sync_device(device)
             self.t0 = time.perf_counter()
+            begins.append(self.t0)
 
         def on_epoch_end(self, args, state, control, **kwargs):
             sync_device(device)
@@ -100,14 +112,18 @@ def train_reference(
     from transformers import DataCollatorWithPadding, PrinterCallback, Trainer
 
     times: list[float] = []
+    begins: list[float] = []
     with tempfile.TemporaryDirectory(prefix="reference-trainer-") as out:
+        args = training_arguments(cfg, device, out)
+        sync_device(device)
+        t0 = time.perf_counter()
         trainer = Trainer(
             model=model,
-            args=training_arguments(cfg, device, out),
+            args=args,
             train_dataset=_TokenDataset(train_split),
             data_collator=DataCollatorWithPadding(tokenizer),
-            callbacks=[_epoch_timer(device, times)],
+            callbacks=[_epoch_timer(device, times, begins)],
         )
         trainer.remove_callback(PrinterCallback)  # it prints the final metrics dict
         output = trainer.train()
-    return ReferenceResult(times, float(output.training_loss))
+    return ReferenceResult(times, float(output.training_loss), begins[0] - t0 if begins else 0.0)

@@ -18,7 +18,10 @@ What a step computes is the model's function; how it computes it is cheaper wher
 from __future__ import annotations
 
 import math
+import platform
+import re
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -40,7 +43,7 @@ from objectives.fastbert import (
     no_dropout,
     torch_dropout,
 )
-from objectives.graphs import capture_train_step
+from objectives.graphs import Captured, GraphedTrainStep, capture_train_step
 from objectives.metrics import accuracy, confusion_matrix, macro_f1
 
 PAD_MULTIPLE = 8
@@ -56,37 +59,96 @@ class NonFiniteLossError(TrainingFailed):
     pass
 
 
+class GraphMemoryError(TrainingFailed):
+    """Out of memory in the first training step with CUDA graphs (their pools take memory the
+    eager loop would not). The optimizer may have half-updated the weights, so a caller that
+    retries starts again from fresh weights with `train(..., eager_reason=...)`; one that does
+    not sees a failed run."""
+
+    def __init__(self, message: str, elapsed_s: float) -> None:
+        super().__init__(message)
+        self.elapsed_s = elapsed_s  # setup and the failed step: time the user waited for nothing
+
+
 class DeviceError(ValueError):
     """The device asked for does not exist here: the message is meant for the user."""
 
 
 # ----------------------------------------------------------------------------- device choice
 
+DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")  # and cuda:N, one GPU by its index
+_CUDA_INDEX = re.compile(r"cuda:(\d+)")
 
-def resolve_device(requested: str, cuda_available: bool, mps_available: bool) -> str:
-    """`auto` picks cuda, then mps, then cpu; an explicit device must exist."""
+
+def is_device_name(name: str) -> bool:
+    """A name `--device` accepts: auto, cpu, cuda, cuda:N or mps (whether it exists is checked
+    later, by `resolve_device`, on the machine that trains)."""
+    return name in DEVICE_NAMES or _CUDA_INDEX.fullmatch(name) is not None
+
+
+def resolve_device(requested: str, cuda_count: int, mps_available: bool) -> str:
+    """`auto` picks cuda, then mps, then cpu; an explicit device must exist.
+
+    A CUDA device comes back with its index (`cuda` is `cuda:0`, as PyTorch means it), so a trial
+    records which GPU it ran on. `cuda_count` is the number of visible GPUs.
+    """
     if requested == "auto":
-        return "cuda" if cuda_available else "mps" if mps_available else "cpu"
-    if requested == "cuda" and not cuda_available:
-        raise DeviceError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+        requested = "cuda" if cuda_count else "mps" if mps_available else "cpu"
     if requested == "mps" and not mps_available:
         raise DeviceError("--device mps was asked for, but PyTorch sees no Apple GPU (MPS)")
-    if requested not in ("cuda", "mps", "cpu"):
-        raise DeviceError(f"unknown device {requested!r}; use auto, cpu, cuda or mps")
-    return requested
+    if requested in ("mps", "cpu"):
+        return requested
+    index = 0 if requested == "cuda" else _cuda_index(requested)
+    if index is None:
+        raise DeviceError(f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps")
+    if not cuda_count:
+        raise DeviceError(f"--device {requested} was asked for, but PyTorch sees no CUDA GPU")
+    if index >= cuda_count:
+        raise DeviceError(
+            f"--device {requested} was asked for, but PyTorch sees {cuda_count} CUDA GPU(s): "
+            f"cuda:0 to cuda:{cuda_count - 1} (CUDA_VISIBLE_DEVICES renumbers them from 0)"
+        )
+    return f"cuda:{index}"
+
+
+def _cuda_index(name: str) -> int | None:
+    m = _CUDA_INDEX.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def cuda_device_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def detect_device(requested: str) -> torch.device:
     mps = getattr(torch.backends, "mps", None)
     return torch.device(
-        resolve_device(requested, torch.cuda.is_available(), bool(mps and mps.is_available()))
+        resolve_device(requested, cuda_device_count(), bool(mps and mps.is_available()))
     )
 
 
-def autocast_dtype(device_type: str, mixed_precision: bool, bf16_supported: bool) -> torch.dtype:
-    """The compute dtype: bf16 on GPUs that have it, fp16 on older CUDA GPUs, else fp32.
+def worker_device(requested: str, worker: int, cuda_count: int) -> str:
+    """The device of worker `worker` (0, 1, ...) of `optimize --workers N`.
 
-    CPUs stay in fp32: bf16 autocast on CPUs without matrix units is slower, not faster.
+    `auto` and `cuda` spread the workers over the visible GPUs, worker k on GPU k mod count
+    (`--workers 8` on 2 GPUs: 4 on each); an explicit `cuda:N`, `mps` or `cpu` keeps every
+    worker there. Several workers per GPU are allowed: a trial of a small model leaves most of
+    a large GPU idle.
+    """
+    if requested in ("auto", "cuda") and cuda_count > 0:
+        return f"cuda:{worker % cuda_count}"
+    return requested
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def autocast_dtype(device_type: str, mixed_precision: bool, bf16_supported: bool) -> torch.dtype:
+    """The compute dtype: bf16 where the device has it, fp16 on older CUDA GPUs, else fp32.
+
+    CPUs stay in fp32: bf16 autocast on CPUs without matrix units is slower, not faster. An Apple
+    GPU without bf16 (macOS before 14) stays in fp32 too: fp16 would need a loss scaler whose
+    overflow checks wait for the GPU every step, and fp16 attention on MPS is untested here.
     """
     if not mixed_precision or device_type == "cpu":
         return torch.float32
@@ -95,28 +157,109 @@ def autocast_dtype(device_type: str, mixed_precision: bool, bf16_supported: bool
     return torch.bfloat16 if bf16_supported else torch.float32  # mps
 
 
-def device_bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "mps":
-        return True  # autocast on MPS supports bf16 since PyTorch 2.5 (macOS 14+)
+def bf16_capable(
+    device_type: str,
+    cuda_capability: tuple[int, int] | None = None,
+    macos: tuple[int, ...] | None = None,
+) -> bool:
+    """Whether the device computes in bf16 natively: the precision choice as a pure function.
+
+    CUDA: compute capability 8.0 (Ampere) or newer. `torch.cuda.is_bf16_supported()` is not
+    used: its default counts emulation, so it says yes on V100 and T4, where bf16 autocast is
+    slow and SDPA's memory-efficient kernel refuses bf16; those get fp16 with loss scaling.
+    MPS: macOS 14 or newer (bf16 on Apple GPUs needs it). CPUs: never (see `autocast_dtype`).
+    """
+    if device_type == "cuda":
+        return cuda_capability is not None and tuple(cuda_capability) >= (8, 0)
+    if device_type == "mps":
+        return macos is not None and macos >= (14, 0)
     return False
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this run on the device (process peak RSS on the CPU)."""
+def macos_version(release: str) -> tuple[int, ...] | None:
+    """`platform.mac_ver()[0]` ("14.2.1") as (14, 2, 1); None off macOS (an empty string)."""
+    parts = release.split(".") if release else []
+    try:
+        return tuple(int(p) for p in parts) or None
+    except ValueError:
+        return None
+
+
+def device_bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return bf16_capable("cuda", torch.cuda.get_device_capability(device))
     if device.type == "mps":
-        return torch.mps.driver_allocated_memory() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        return bf16_capable("mps", macos=macos_version(platform.mac_ver()[0]))
+    return False
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def maxrss_mb(ru_maxrss: int, system: str) -> float:
+    """`getrusage().ru_maxrss` in MiB: macOS reports bytes, Linux (and the BSDs) KiB."""
+    return ru_maxrss / (2**20 if system == "darwin" else 2**10)
+
+
+class PeakMemory:
+    """The peak memory of one run on its device, in MiB.
+
+    CUDA counts its own peak (`max_memory_allocated`, reset when the run starts). MPS has no peak
+    counter in torch 2.13, only the memory allocated now (`current_allocated_memory`) and the
+    driver's total (`driver_allocated_memory`, cached blocks included, and also only "now"), so the
+    loop calls `sample()` at a step's high points: after the forward pass (activations held for
+    backward) and after the optimizer step (its state exists). That is a lower bound of the true
+    peak, which may lie inside the backward pass. CPUs: the process's high-water resident set.
+    `read_mps` replaces `torch.mps.current_allocated_memory` (tests).
+    """
+
+    def __init__(self, device: torch.device, read_mps: Callable[[], int] | None = None) -> None:
+        self.device = device
+        self.peak_bytes = 0
+        if read_mps is None and device.type == "mps":
+            read_mps = torch.mps.current_allocated_memory
+        self._read = read_mps
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if self._read is None:
+            self.sample = _nothing  # nothing to sample: the counters above keep the peak
+        else:
+            self.sample()
+
+    def sample(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, self._read())
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self._read is not None:
+            self.sample()
+            return self.peak_bytes / 2**20
+        return maxrss_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, sys.platform)
+
+
+def _nothing() -> None:
+    pass
 
 
 def release_memory(device: torch.device) -> None:
+    """Give a finished run's device memory back, before the next run starts.
+
+    Garbage collection first: CUDA graphs live in reference cycles (each graphed callable is an
+    autograd Function class made for it, and make_graphed_callables points a module's `forward`
+    back at the module), so only the collector frees them and their memory pools. cuBLAS keeps a
+    workspace per stream it has seen, in the caching allocator and never freed by `empty_cache`;
+    graph capture brings new streams, so the workspaces are cleared too (as torch's own
+    cudagraph trees do), while no graph is alive.
+    """
     import gc
 
     gc.collect()
     if device.type == "cuda":
+        clear_cublas = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_cublas is not None:
+            torch.cuda.synchronize(device)
+            clear_cublas()
         torch.cuda.empty_cache()
     elif device.type == "mps":
         torch.mps.empty_cache()
@@ -328,6 +471,16 @@ class EpochResult:
     train_time_s: float  # cumulative training time so far, evaluation excluded
 
 
+@dataclass(frozen=True)
+class RunSetup:
+    """What happened before the first epoch, reported once per run (`on_setup`)."""
+
+    setup_time_s: float  # weights to the device, CUDA graph capture, optimizer
+    graphs: str  # "on: ..." when the step replays CUDA graphs, else "off: <why>"
+    graph_mem_estimate_mb: float | None = None  # the estimate the capture decision used
+    graph_mem_mb: float | None = None  # device memory the captured graphs took (measured)
+
+
 @dataclass
 class TrainResult:
     history: list[EpochResult]
@@ -338,15 +491,24 @@ class TrainResult:
     test_accuracy: float
     test_confusion: np.ndarray
     test_predictions: np.ndarray  # per test example, in split order (paired comparisons)
-    train_time_s: float
+    train_time_s: float  # the epochs' training, evaluation excluded
     peak_mem_mb: float
     device: str
     best_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
-    setup_time_s: float = 0.0  # once per run before the first epoch: CUDA graph capture
+    setup: RunSetup = RunSetup(0.0, "off: not run")
 
     @property
     def epochs_run(self) -> int:
         return len(self.history)
+
+    @property
+    def setup_time_s(self) -> float:
+        return self.setup.setup_time_s
+
+    @property
+    def wait_time_s(self) -> float:
+        """What a user waits for the training: setup and the epochs (evaluation excluded)."""
+        return self.setup.setup_time_s + self.train_time_s
 
 
 def make_optimizer(
@@ -410,27 +572,40 @@ def train(
     data: PreparedData,
     on_epoch_end: Callable[[EpochResult], None] | None = None,
     progress: bool = False,
+    on_setup: Callable[[RunSetup], None] | None = None,
+    eager_reason: str | None = None,
 ) -> TrainResult:
     """Train for `cfg.epochs`; evaluate the best epoch's weights on the test split.
 
-    `on_epoch_end` may raise to stop early; whatever it raises propagates unchanged.
-    Raises `NonFiniteLossError` when the loss becomes NaN or infinite.
+    `on_setup` hears once, before the first epoch, how long setup took and whether the step runs
+    from CUDA graphs. `on_epoch_end` may raise to stop early; whatever it raises propagates
+    unchanged. `eager_reason` skips graph capture (say why: it is reported).
+    Raises `NonFiniteLossError` when the loss becomes NaN or infinite, and `GraphMemoryError`
+    when the first step with CUDA graphs runs out of memory.
     """
     device = data.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # capture and its streams work on the current device
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     dtype = autocast_dtype(device.type, cfg.mixed_precision, device_bf16_supported(device))
     use_amp = dtype != torch.float32
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    model.to(device)
+    memory = PeakMemory(device)
 
+    # Setup is part of what a user waits for: the copy to the device, capture, the optimizer.
     t_setup = time.perf_counter()
+    model.to(device)
     train_split = full_batches(data.train, cfg.batch_size)
     steps_per_epoch = sum(math.ceil(len(b.labels) / cfg.batch_size) for b in train_split.buckets)
     parts = bert_parts(model)
-    graphed = capture_train_step(model, parts, train_split.buckets, cfg.batch_size, dtype, device)
+    if eager_reason is None:
+        captured = capture_train_step(
+            model, parts, train_split.buckets, cfg.batch_size, dtype, device
+        )
+    else:
+        captured = Captured(None, f"off: {eager_reason}")
+    graphed: GraphedTrainStep | None = captured.step
     vocab = used_rows(model, parts, data) if graphed is None else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     if vocab is not None:
@@ -439,17 +614,40 @@ def train(
     optimizer = make_optimizer(model, cfg, device, trainable)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
     forward = make_forward(model, device, training_dropout(device, cfg.seed), parts)
-    setup_time = time.perf_counter() - t_setup
+    sync_device(device)
+    setup = RunSetup(
+        time.perf_counter() - t_setup,
+        captured.reason,
+        captured.estimate_mb,
+        captured.measured_mb,
+    )
+    if on_setup is not None:
+        on_setup(setup)
 
     def eager_step(b: int, rows: torch.Tensor) -> torch.Tensor:
         bucket = train_split.buckets[b]
         with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
             logits = forward(bucket.input_ids[rows], bucket.attention_mask[rows])
         loss = F.cross_entropy(logits.float(), bucket.labels[rows])
+        memory.sample()  # activations are held for backward: a high point of the step
         scaler.scale(loss).backward()
         return loss.detach()
 
     step_fn = graphed if graphed is not None else eager_step
+
+    def optimizer_step(b: int, rows: torch.Tensor) -> torch.Tensor:
+        loss = step_fn(b, rows)
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        if vocab is not None:
+            vocab.record_step(optimizer.param_groups[0]["lr"], cfg.weight_decay)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        memory.sample()  # the optimizer's state exists from the first step on
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
     history: list[EpochResult] = []
     best: EpochResult | None = None
     best_state: dict[str, torch.Tensor] = {}
@@ -464,15 +662,10 @@ def train(
             batches = [(b, graphed.fill(b, rows)) for b, rows in batches]
         loss_sum = torch.zeros((), device=device)
         for step, (b, rows) in enumerate(_rows_to_device(batches, device), 1):
-            loss_sum += step_fn(b, rows)
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            if vocab is not None:
-                vocab.record_step(optimizer.param_groups[0]["lr"], cfg.weight_decay)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if graphed is not None and epoch == 1 and step == 1:
+                loss_sum += _first_graphed_step(optimizer_step, b, rows, device, t_setup)
+            else:
+                loss_sum += optimizer_step(b, rows)
             if step % NAN_CHECK_EVERY == 0:
                 _check_finite(loss_sum, epoch, step)
         _check_finite(loss_sum, epoch, steps_per_epoch)
@@ -496,6 +689,8 @@ def train(
         if on_epoch_end is not None:
             on_epoch_end(result)
     bar.close()
+    if graphed is not None:
+        graphed.close()  # its pools are garbage from here on (`release_memory` frees them)
 
     assert best is not None  # epochs >= 1 is validated by the caller's config
     model.load_state_dict(best_state, strict=False)
@@ -510,11 +705,31 @@ def train(
         test_confusion=confusion_matrix(data.test.labels, test_preds, data.num_labels),
         test_predictions=test_preds,
         train_time_s=train_time,
-        setup_time_s=setup_time,
-        peak_mem_mb=peak_memory_mb(device),
+        peak_mem_mb=memory.peak_mb(),
         device=str(device),
         best_state=best_state,
+        setup=setup,
     )
+
+
+def _first_graphed_step(
+    step: Callable[[int, torch.Tensor], torch.Tensor],
+    b: int,
+    rows: torch.Tensor,
+    device: torch.device,
+    t_setup: float,
+) -> torch.Tensor:
+    """The first step with graphs, where the optimizer's state joins the graphs' pools in memory;
+    running out of memory there is a `GraphMemoryError` (the caller may retry eagerly)."""
+    try:
+        loss = step(b, rows)
+        sync_device(device)  # an asynchronous failure surfaces here, not some steps later
+        return loss
+    except torch.OutOfMemoryError as e:
+        raise GraphMemoryError(
+            f"out of memory in the first step with CUDA graphs: {str(e)[:200]}",
+            time.perf_counter() - t_setup,
+        ) from e
 
 
 def _rows_to_device(

@@ -8,7 +8,20 @@ alone, e.g. for optuna-dashboard. The maths underneath are pure functions over t
 `reports.importance` (fANOVA, PED-ANOVA) and `reports.perclass` (per-class F1, confusion).
 """
 
-from reports.figures import pareto_figure
-from reports.write import write_reports
+from typing import Any
 
 __all__ = ["pareto_figure", "write_reports"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: these need plotly and matplotlib, while the pure tables
+    # (`reports.records`, `reports.tables`) must import where those are not installed.
+    if name == "pareto_figure":
+        from reports.figures import pareto_figure
+
+        return pareto_figure
+    if name == "write_reports":
+        from reports.write import write_reports
+
+        return write_reports
+    raise AttributeError(f"module 'reports' has no attribute {name!r}")

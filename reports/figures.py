@@ -35,7 +35,7 @@ COLORS = {
 }
 COST_TITLES = {
     "trainable_params": "Trainable parameters (log scale)",
-    "train_time_s": "Training time (s)",
+    "train_time_s": "Training time, setup included (s)",
 }
 F1_TITLE = "Validation macro-F1"
 

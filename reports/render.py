@@ -138,7 +138,8 @@ def findings_lines(findings: Findings) -> list[str]:
             )
         if findings.time_ratio is not None:
             lines.append(
-                f"Training time: {lora.train_time_s:.1f} s for the best LoRA trial against "
+                f"Training time (setup included): {lora.train_time_s:.1f} s for the best LoRA "
+                f"trial against "
                 f"{base.train_time_s:.1f} s for the baseline, a ratio of "
                 f"{findings.time_ratio:.2f}."
             )

@@ -5,15 +5,21 @@ split with the same settings and, in each repeat, the same seed (the next repeat
 seed, so the spread of validation F1 over repeats shows each loop's seed noise, against which the
 loops' F1 difference is judged). They run in one process, alternating (ours first in odd
 repeats, the reference first in even ones, so a drift in machine load hits both alike), after a
-warm-up run of each that is not counted. Each run is timed over its training epochs only (the
-device synced at both ends; evaluation excluded) and then scored on the validation split by the
-same evaluation code. The report gives medians over the repeats; its last line is one JSON
-object for scripts (`ours_s`, `reference_s`, `speedup` = reference_s / ours_s, ...).
+warm-up run of each that is not counted. Each run is timed as a user waits for it: its setup
+(the copy to the device, CUDA graph capture and the optimizer for ours; building the Trainer up
+to its first epoch for the reference) plus its training epochs (the device synced at both ends;
+evaluation excluded), and then scored on the validation split by the same evaluation code. The
+report gives medians over the repeats; its last line is one JSON object for scripts (`ours_s`,
+`reference_s`: seconds per epoch, setup included; `speedup` = reference_s / ours_s; the epochs
+alone in `*_epoch_s` and `speedup_epochs_only`; ...).
+
+Both loops train on one GPU: with several visible GPUs the Trainer would split every batch over
+all of them (`DataParallel`), so `bench` refuses and says how to pick one.
 
 `bench --workers 1 2 4` measures something else: trials per hour of `optimize --workers N`, the
 LoRA trials of a fresh study (random sampler, no pruning, so every trial does the same work)
-timed from start-up to the last trial, and each trial's peak memory (`peak_mem_mb`), which must
-not grow from trial to trial.
+timed from start-up to the last trial, all workers on one device, and each trial's peak memory
+(`peak_mem_mb`), which must not grow from trial to trial.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ import torch
 
 from objectives.config import FULL_FT_DEFAULTS, LORA_DEFAULTS, TrainConfig
 from objectives.data import DATA_DIR_ENV
-from study.config import DEVICES, ConfigError
+from objectives.train import is_device_name
+from study.config import DEVICE_HELP, ConfigError, device_arg
 
 MODES = ("full", "lora")
 DEFAULT_BATCH = {"full": FULL_FT_DEFAULTS.batch_size, "lora": LORA_DEFAULTS.batch_size}
@@ -72,8 +79,8 @@ class BenchConfig:
 def validate(cfg: BenchConfig) -> BenchConfig:
     if cfg.mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}")
-    if cfg.device not in DEVICES:
-        raise ConfigError(f"--device must be one of {', '.join(DEVICES)}")
+    if not is_device_name(cfg.device):
+        raise ConfigError(f"--device must be one of {DEVICE_HELP}")
     for name in ("epochs", "repeats", "max_length", "batch_size", "max_train_samples"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
@@ -89,47 +96,77 @@ def validate(cfg: BenchConfig) -> BenchConfig:
 @dataclass(frozen=True)
 class Run:
     loop: str
-    seconds_per_epoch: float
+    seconds_per_epoch: float  # what a user waits (setup + epochs) / epochs
     val_f1: float
     peak_mem_mb: float
+    setup_s: float = 0.0  # the setup part of the run, once per run
+    epoch_s: float = 0.0  # the epochs alone, per epoch
+    graphs: str = ""  # ours: whether the step replayed CUDA graphs, and why not
+
+
+def one_gpu_problem(device: torch.device, visible_gpus: int) -> str | None:
+    """Why the loops cannot be compared on `device`, or None.
+
+    With several visible GPUs the Trainer wraps the model in `DataParallel`, splits every batch
+    over all of them and starts on cuda:0, while this project's loop trains on one GPU.
+    """
+    if device.type != "cuda" or visible_gpus <= 1:
+        return None
+    return (
+        f"bench compares one GPU with one GPU, but {visible_gpus} are visible and the Trainer "
+        "would split every batch over all of them (DataParallel); make one visible, e.g. "
+        f"CUDA_VISIBLE_DEVICES={device.index or 0} python -m study bench ..."
+    )
 
 
 class PeakMemory:
-    """Peak memory while a block runs: device allocations on CUDA, process RSS elsewhere.
+    """Peak memory while a block runs, in MiB.
 
-    The process's own high-water mark (`ru_maxrss`) never comes down, so on CPUs a thread samples
-    the resident set every few milliseconds while the block runs.
+    CUDA: allocated device memory, from the allocator's own peak counter. Elsewhere a thread
+    samples every few milliseconds while the block runs: on MPS the allocated device memory
+    (torch has no peak counter there), on CPUs the process's resident set (its high-water mark,
+    `ru_maxrss`, never comes down). `read` replaces the sampled quantity (tests).
     """
 
-    def __init__(self, device: torch.device, interval_s: float = 0.005) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        interval_s: float = 0.005,
+        read: Callable[[], float] | None = None,
+    ) -> None:
         self.device = device
         self.interval_s = interval_s
         self.peak_mb = 0.0
+        self._read = read
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self._read is None:
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.device.type == "cpu":
-            self.peak_mb = rss_mb()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+            return self
+        if self._read is None:
+            self._read = mps_allocated_mb if self.device.type == "mps" else rss_mb
+        self.peak_mb = self._read()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak_mb = max(self.peak_mb, rss_mb())
+            self.peak_mb = max(self.peak_mb, self._read())
 
     def __exit__(self, *exc: object) -> None:
-        if self.device.type != "cpu":
-            from objectives.train import peak_memory_mb  # the figure trials record
+        if self._thread is None:
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self._read())
 
-            self.peak_mb = peak_memory_mb(self.device)
-        elif self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self.peak_mb = max(self.peak_mb, rss_mb())
+
+def mps_allocated_mb() -> float:
+    return torch.mps.current_allocated_memory() / 2**20
 
 
 def rss_mb() -> float:
@@ -140,8 +177,9 @@ def rss_mb() -> float:
     except (OSError, ValueError, IndexError):
         import resource
 
-        scale = 2**20 if sys.platform == "darwin" else 2**10  # bytes on macOS, KiB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+        from objectives.train import maxrss_mb
+
+        return maxrss_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, sys.platform)
 
 
 def alternating(repeats: int) -> list[tuple[int, str]]:
@@ -180,19 +218,24 @@ def _run(w: Workload, loop: str, seed: int) -> Run:
     cfg = replace(w.cfg, seed=seed)
     model = build_model(w.base_model, cfg)
     try:
+        graphs = ""
         with PeakMemory(w.device) as mem:
             if loop == "ours":
                 result = train(model, cfg, w.data)
-                seconds, f1 = result.train_time_s, result.history[-1].val_f1
+                setup, seconds = result.setup_time_s, result.train_time_s
+                f1, graphs = result.history[-1].val_f1, result.setup.graphs
             else:
                 ref = train_reference(model, cfg, w.encoded.train, w.tokenizer, w.device)
-                seconds = ref.train_time_s
+                setup, seconds = ref.setup_time_s, ref.train_time_s
         if loop != "ours":
             dtype = autocast_dtype(
                 w.device.type, w.cfg.mixed_precision, device_bf16_supported(w.device)
             )
             f1 = evaluate(model, w.data.val, w.data.num_labels, dtype).f1
-        return Run(loop, seconds / w.cfg.epochs, f1, mem.peak_mb)
+        epochs = w.cfg.epochs
+        return Run(
+            loop, (setup + seconds) / epochs, f1, mem.peak_mb, setup, seconds / epochs, graphs
+        )
     finally:
         del model
         release_memory(w.device)
@@ -221,10 +264,15 @@ class BenchResult:
             out[f"{loop}_val_f1_sd"] = round(statistics.stdev(f1s), 4) if len(f1s) > 1 else None
             out[f"{loop}_peak_mem_mb"] = round(max(r.peak_mem_mb for r in runs), 1)
             out[f"{loop}_runs_s"] = [round(r.seconds_per_epoch, 3) for r in runs]
+            out[f"{loop}_setup_s"] = round(statistics.median(r.setup_s for r in runs), 3)
+            out[f"{loop}_epoch_s"] = round(statistics.median(r.epoch_s for r in runs), 3)
+        out["ours_graphs"] = self.of("ours")[-1].graphs
         return {
             "ours_s": out["ours_s"],
             "reference_s": out["reference_s"],
             "speedup": round(out["reference_s"] / out["ours_s"], 2),
+            "speedup_epochs_only": round(out["reference_epoch_s"] / out["ours_epoch_s"], 2),
+            "time": "seconds per epoch a user waits: setup + epochs, divided by epochs",
             "ours_val_f1": out["ours_val_f1"],
             "reference_val_f1": out["reference_val_f1"],
             "mode": self.cfg.mode,
@@ -259,10 +307,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> BenchResult:
     """Build the workload once, warm both loops up, then alternate the timed runs."""
     from objectives.data import encode, load_data
     from objectives.model import load_pretrained
-    from objectives.train import detect_device, prepare
+    from objectives.train import cuda_device_count, detect_device, prepare
 
-    data = load_data(cfg.resolved_data_dir, cfg.max_train_samples)
     device = detect_device(cfg.device)
+    problem = one_gpu_problem(device, cuda_device_count())
+    if problem is not None:
+        raise ConfigError(problem)
+    data = load_data(cfg.resolved_data_dir, cfg.max_train_samples)
     base, tokenizer = load_pretrained(cfg.model, data.label_names)
     encoded = encode(data, tokenizer, cfg.max_length)
     w = Workload(
@@ -297,14 +348,20 @@ def report_lines(result: BenchResult) -> list[str]:
     """The human-readable table, then the JSON line."""
     s = result.summary()
     mem = "device memory" if result.device.startswith("cuda") else "memory (process RSS)"
-    lines = [f"{'loop':10s} {'s/epoch':>9s} {'samples/s':>10s} {'val F1':>8s} {'peak ' + mem}"]
+    lines = [
+        f"{'loop':10s} {'s/epoch':>9s} {'setup s':>8s} {'epoch s':>8s} {'samples/s':>10s} "
+        f"{'val F1':>8s} {'peak ' + mem}"
+    ]
     for loop in LOOPS:
         lines.append(
-            f"{loop:10s} {s[f'{loop}_s']:9.2f} {s[f'{loop}_samples_per_s']:10.1f} "
+            f"{loop:10s} {s[f'{loop}_s']:9.2f} {s[f'{loop}_setup_s']:8.2f} "
+            f"{s[f'{loop}_epoch_s']:8.2f} {s[f'{loop}_samples_per_s']:10.1f} "
             f"{s[f'{loop}_val_f1']:8.4f} {s[f'{loop}_peak_mem_mb']:.0f} MB"
         )
     lines.append(
-        f"speedup (reference / ours): {s['speedup']:.2f}x, medians of {result.cfg.repeats}"
+        f"speedup (reference / ours, setup included): {s['speedup']:.2f}x "
+        f"(epochs alone {s['speedup_epochs_only']:.2f}x), medians of {result.cfg.repeats}; "
+        f"ours: CUDA graphs {s['ours_graphs']}"
     )
     lines.append(json.dumps(s))
     return lines
@@ -339,7 +396,7 @@ def run_workers_bench(
                     max_train_samples=cfg.max_train_samples,
                     epochs=cfg.epochs,
                     seed=cfg.seed,
-                    device=cfg.device,
+                    device=str(device),  # every worker on this one device, none spread
                     max_length=cfg.max_length,
                     n_trials=n_trials,
                     sampler="random",
@@ -355,17 +412,25 @@ def run_workers_bench(
             wall = time.perf_counter() - t0
             trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
         done = [t for t in trials if t.state.name == "COMPLETE"]
+
+        # Trials per hour once every worker runs: first trial start to last trial end.
+        span = (
+            (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done))
+            if done
+            else None
+        )
+        steady = round(len(done) * 3600 / span.total_seconds(), 1) if span else None
         row = {
             "workers": n,
             "trials": len(done),
             "wall_s": round(wall, 1),
             "trials_per_hour": round(len(done) * 3600 / wall, 1),
-            "mean_train_time_s": round(
-                statistics.mean(t.user_attrs["train_time_s"] for t in done), 2
-            )
-            if done
-            else None,
+            "steady_trials_per_hour": steady,
+            "mean_train_time_s": _mean_attr(done, "train_time_s"),
+            "mean_setup_time_s": _mean_attr(done, "setup_time_s"),
             "peak_mem_mb": [t.user_attrs.get("peak_mem_mb") for t in done],
+            "devices": sorted({str(t.user_attrs.get("device")) for t in done}),
+            "cuda_graphs": sorted({str(t.user_attrs.get("cuda_graphs")) for t in done}),
         }
         log(
             f"  --workers {n}: {row['trials']} trials in {row['wall_s']} s, "
@@ -386,6 +451,11 @@ def run_workers_bench(
         "max_train_samples": cfg.max_train_samples,
         "runs": rows,
     }
+
+
+def _mean_attr(trials: list, key: str) -> float | None:
+    values = [t.user_attrs[key] for t in trials if key in t.user_attrs]
+    return round(statistics.mean(values), 2) if values else None
 
 
 def workers_report_lines(summary: dict[str, Any]) -> list[str]:
@@ -413,7 +483,9 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         help=f"folder with Banking77 train.csv/test.csv (default ${DATA_DIR_ENV}, else the Hub)",
     )
     p.add_argument("--mode", choices=MODES, default="full", help="full fine-tuning or LoRA (full)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="where to train (auto)")
+    p.add_argument(
+        "--device", type=device_arg, default="auto", help=f"where to train: {DEVICE_HELP} (auto)"
+    )
     p.add_argument(
         "--max-train-samples",
         type=int,

@@ -22,16 +22,18 @@ from study import recipe
 from study.bench import add_bench_command
 from study.config import (
     BASELINE_SUFFIX,
-    DEVICES,
+    DEVICE_HELP,
     KEEP_POLICIES,
     PRUNERS,
     SAMPLERS,
     ConfigError,
     StudyConfig,
+    device_arg,
     given_values,
     read_config_file,
     validate,
 )
+from study.devicecheck import add_device_check_command
 from study.predict import PredictError
 from study.winners import WinnersError
 
@@ -74,7 +76,12 @@ def _add_run_flags(
     )
     p.add_argument("--epochs", type=int, help=epochs_help)
     p.add_argument("--seed", type=int, help="training seed of every run and the sampler seed (42)")
-    p.add_argument("--device", choices=DEVICES, help="where to train (auto: cuda, mps, then cpu)")
+    p.add_argument(
+        "--device",
+        type=device_arg,
+        help=f"where to train: {DEVICE_HELP} (auto: cuda, mps, then cpu; with --workers, "
+        "auto and cuda put worker k on GPU k mod the number of GPUs)",
+    )
     p.add_argument(
         "--no-mixed-precision",
         dest="mixed_precision",
@@ -203,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_winner_commands(sub)
     add_bench_command(sub)
+    add_device_check_command(sub)
     return parser
 
 
@@ -232,7 +240,9 @@ def _add_winner_commands(sub: argparse._SubParsersAction) -> None:
         help=f"data to measure on (default: the study's, else ${DATA_DIR_ENV}, else the Hub); "
         "another folder with the same intents is measured and labelled as other data",
     )
-    ev.add_argument("--device", choices=DEVICES, default="auto", help="where to predict (auto)")
+    ev.add_argument(
+        "--device", type=device_arg, default="auto", help=f"where to predict: {DEVICE_HELP} (auto)"
+    )
     ev.add_argument(
         "--out",
         help="output folder (default artifacts/evaluations/<study>/trial-<N>-<split>); "
@@ -255,7 +265,9 @@ def _add_winner_commands(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
     pr.add_argument("--input", help="a CSV file with a header and a 'text' column")
     pr.add_argument("--top-k", type=int, default=3, help="intents shown per text (3)")
-    pr.add_argument("--device", choices=DEVICES, default="auto", help="where to predict (auto)")
+    pr.add_argument(
+        "--device", type=device_arg, default="auto", help=f"where to predict: {DEVICE_HELP} (auto)"
+    )
     pr.add_argument(
         "--no-mixed-precision",
         dest="mixed_precision",

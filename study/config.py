@@ -6,6 +6,7 @@ the defaults here.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tomllib
@@ -14,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from objectives.data import DATA_DIR_ENV
+from objectives.train import is_device_name
 from storage import DEFAULT_URL, GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, Heartbeat
 
 SAMPLERS = ("tpe", "random", "gp")
 PRUNERS = ("hyperband", "median", "none")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N, one GPU by its index
+DEVICE_HELP = "auto, cpu, cuda, cuda:N (GPU N) or mps"
 KEEP_POLICIES = ("all", "best", "none")  # which LoRA trials keep their weights
 BASELINE_SUFFIX = "-full-ft"
 CONFIRM_SUFFIX = "-confirm"
@@ -80,6 +83,14 @@ class StudyConfig:
 _FIELDS = {f.name: f for f in fields(StudyConfig)}
 
 
+def device_arg(value: str) -> str:
+    """The argparse type of `--device`: a name PyTorch devices go by (whether that device
+    exists is checked when training starts, with a clear error)."""
+    if not is_device_name(value):
+        raise argparse.ArgumentTypeError(f"invalid device {value!r}; use {DEVICE_HELP}")
+    return value
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -125,11 +136,12 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     for name, allowed in (
         ("sampler", SAMPLERS),
         ("pruner", PRUNERS),
-        ("device", DEVICES),
         ("keep", KEEP_POLICIES),
     ):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"--{name} must be one of {', '.join(allowed)}")
+    if not is_device_name(cfg.device):
+        raise ConfigError(f"--device must be one of {DEVICE_HELP}, got {cfg.device!r}")
     if not cfg.study_name.strip():
         raise ConfigError("--study-name must not be empty")
     if cfg.study_name.endswith(BASELINE_SUFFIX):

@@ -7,25 +7,46 @@ the baseline marked), stored as optuna-dashboard custom plots under fixed ids so
 replaces them. `DashboardNotes` is an Optuna callback that rewrites both after every finished
 trial: a few reads and a few dozen small writes, negligible beside a trial that trains a model.
 
-The builders are pure functions of trials; only `DashboardNotes` touches storage.
+The builders are pure functions of trials; only `DashboardNotes` touches storage. plotly and
+optuna-dashboard are imported where they are used: training runs where they are not installed
+(a GPU machine, say), and then simply has no note or plots (`dashboard_missing`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import optuna
-import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 
-from reports import pareto_figure
+from reports.records import wait_time_s
 from reports.sensitivity import check_trials, fairness_lines
 from reports.tables import CostKey
 from study.config import CONFIRM_SUFFIX
 
 # The note shares the end-of-run table's row format, so the terminal and the dashboard agree.
 from study.table import COLUMNS, _row, best_trials
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+DASHBOARD_PACKAGES = ("optuna_dashboard", "plotly")
+
+
+def dashboard_missing() -> str | None:
+    """The first package the dashboard note and plots need that is not installed, or None."""
+    for name in DASHBOARD_PACKAGES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a blocked or half-imported module
+            found = False
+        if not found:
+            return name.replace("_", "-")
+    return None
+
 
 # Fixed custom-plot ids: saving under the same id replaces the figure instead of adding one.
 FIGURE_IDS: dict[CostKey, str] = {
@@ -94,11 +115,12 @@ def comparison(best: FrozenTrial, base: FrozenTrial) -> list[str]:
             f"- trainable parameters {params:,.0f} vs {base_params:,.0f}:"
             f" {100 * params / base_params:.2f}% of the baseline's"
         )
-    time, base_time = _number(best, "train_time_s"), _number(base, "train_time_s")
+    # the time a user waits for each: setup (device copy, graph capture, optimizer) + epochs
+    time, base_time = wait_time_s(best.user_attrs), wait_time_s(base.user_attrs)
     if time is not None and base_time:
         lines.append(
-            f"- training time {time:.1f} s vs {base_time:.1f} s: {time / base_time:.2f}x the"
-            " baseline's"
+            f"- training time (setup included) {time:.1f} s vs {base_time:.1f} s:"
+            f" {time / base_time:.2f}x the baseline's"
         )
     return lines
 
@@ -155,7 +177,8 @@ def study_note(
         "",
         "### Custom plots (on the study's main page)",
         "",
-        "Validation F1 against trainable parameters (log scale) and against training time: every"
+        "Validation F1 against trainable parameters (log scale) and against training time (setup"
+        " included): every"
         " COMPLETE trial, the Pareto front (best F1 for its cost) highlighted, pruned trials as"
         " crosses at the best F1 they reached, and the baseline as a star with a dashed line at"
         " its F1.",
@@ -183,6 +206,8 @@ def dashboard_figures(
     baseline_name: str,
 ) -> dict[str, go.Figure]:
     """The Pareto figures by custom-plot id, sized for the dashboard's plot cards."""
+    from reports import pareto_figure
+
     figures = {}
     for cost, figure_id in FIGURE_IDS.items():
         fig = pareto_figure(

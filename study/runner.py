@@ -10,12 +10,13 @@ import json
 import multiprocessing
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import optuna
 import torch
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from objectives.config import (
     FIXED,
@@ -36,11 +37,11 @@ from objectives.objective import (
     baseline_config,
 )
 from objectives.space import Space, load_space
-from objectives.train import detect_device, prepare
+from objectives.train import cuda_device_count, detect_device, prepare, worker_device
 from storage import get_storage, parse_url
 from study import recipe
 from study.config import BASELINE_SUFFIX, ConfigError, StudyConfig
-from study.notes import DashboardNotes
+from study.notes import DashboardNotes, dashboard_missing
 from study.winners import artifact_dir, keeping_weights
 
 OBJECTIVE_NAME = "val_macro_f1"
@@ -267,8 +268,18 @@ def split_trials(n_trials: int, workers: int) -> list[int]:
     return [base + (i < extra) for i in range(workers)]
 
 
-def optimize_worker(cfg: StudyConfig, n_trials: int, worker: int, prep: Prepared | None = None):
-    """One worker: its own sampler seed (so workers do not propose the same points), the study."""
+def optimize_worker(
+    cfg: StudyConfig,
+    n_trials: int,
+    worker: int,
+    prep: Prepared | None = None,
+    notes: bool = True,
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+):
+    """One worker: its own sampler seed (so workers do not propose the same points), the study.
+
+    `notes`: keep the dashboard note and plots current; `callbacks` run after every trial too.
+    """
     share_cpu_threads(cfg)
     prep = prep or prepare_run(cfg)
     storage = get_storage(cfg.storage, cfg.heartbeat)
@@ -287,7 +298,8 @@ def optimize_worker(cfg: StudyConfig, n_trials: int, worker: int, prep: Prepared
         timeout=cfg.timeout,
         catch=TRIAL_FAILURES,
         show_progress_bar=cfg.progress and worker == 0,
-        callbacks=[DashboardNotes(storage, cfg.baseline_name)],  # note + plots in the dashboard
+        # the note and plots in the dashboard, where optuna-dashboard and plotly are installed
+        callbacks=[*([DashboardNotes(storage, cfg.baseline_name)] if notes else []), *callbacks],
     )
     return study
 
@@ -302,12 +314,12 @@ def share_cpu_threads(cfg: StudyConfig) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
 
 
-def _spawned_worker(cfg: StudyConfig, n_trials: int, worker: int) -> None:
+def _spawned_worker(cfg: StudyConfig, n_trials: int, worker: int, notes: bool = True) -> None:
     from study.cli import quiet_libraries
 
     quiet_libraries()
     try:
-        optimize_worker(replace(cfg, progress=False), n_trials, worker)
+        optimize_worker(replace(cfg, progress=False), n_trials, worker, notes=notes)
     except KeyboardInterrupt:
         sys.exit(130)  # the interrupted trial is already marked FAIL by Optuna
 
@@ -337,19 +349,33 @@ def run_workers(
     lora = open_study(
         storage, cfg.study_name, identity, made_with=study_recipe(cfg, prep, with_space=True)
     )
-    DashboardNotes(storage, cfg.baseline_name).refresh(lora)  # shown before the first trial ends
+    missing = dashboard_missing()
+    if missing:  # said once here, instead of by every worker after every trial
+        print(
+            f"warning: {missing} is not installed: no study note or plots in optuna-dashboard "
+            "(the trials are stored as usual; `python -m study report` draws the plots later)",
+            file=sys.stderr,
+        )
+    else:
+        DashboardNotes(storage, cfg.baseline_name).refresh(lora)  # shown before any trial ends
     quotas = split_trials(cfg.n_trials, cfg.workers)
+    # Worker k trains on GPU k mod (visible GPUs) unless one device was named (worker_device).
+    gpus = cuda_device_count() if cfg.workers > 1 else 0
     # spawn, not fork: CUDA and the tokenizer's threads do not survive a fork
     mp = multiprocessing.get_context("spawn")
     procs = [
-        mp.Process(target=_spawned_worker, args=(cfg, n, i), name=f"worker-{i}")
+        mp.Process(
+            target=_spawned_worker,
+            args=(replace(cfg, device=worker_device(cfg.device, i, gpus)), n, i, not missing),
+            name=f"worker-{i}",
+        )
         for i, n in enumerate(quotas)
         if i > 0 and n > 0
     ]
     for p in procs:
         p.start()
     try:
-        study = optimize_worker(cfg, quotas[0], 0, prep)
+        study = optimize_worker(cfg, quotas[0], 0, prep, notes=not missing)
     finally:
         for p in procs:
             p.join()

@@ -120,10 +120,10 @@ def test_when_graphs_are_used(device, dtype, parts, env, expected, ctx) -> None:
 
 def test_no_capture_on_cpu(ctx) -> None:
     model = build_model(ctx.base_model, FULL_FT_DEFAULTS)
-    step = capture_train_step(
+    captured = capture_train_step(
         model, bert_parts(model), ctx.data.train.buckets, 8, torch.float32, torch.device("cpu")
     )
-    assert step is None
+    assert captured.step is None and captured.reason == "off: no CUDA graphs on cpu"
 
 
 def test_fill_rows_pads_short_batches_with_the_dummy_row() -> None:
@@ -179,20 +179,21 @@ def test_static_shape_step_trains_like_the_eager_loop(ctx, monkeypatch) -> None:
     """The graph path's batching and loss, run eagerly on the CPU, learns the tiny task."""
     import objectives.train as T
 
-    captured = []
-
     def capture(model, parts, buckets, batch_size, dtype, device):
-        step = capture_train_step(
+        outcome = capture_train_step(
             model, parts, buckets, batch_size, dtype, device, capture=_eager_capture
         )
-        captured.append(step)
-        return step
+        captured.append(outcome.step)
+        lengths.append(len(outcome.step.steps))
+        return outcome
 
+    captured, lengths = [], []
     monkeypatch.setattr(T, "capture_train_step", capture)
     cfg = replace(FULL_FT_DEFAULTS, epochs=5, learning_rate=3e-3, batch_size=8, seed=1)
     result = train(build_model(ctx.base_model, cfg), cfg, ctx.data)
     assert captured and captured[0] is not None
-    assert len(captured[0].steps) == len(ctx.data.train.buckets)
+    assert lengths[0] == len(ctx.data.train.buckets)
+    assert result.setup.graphs == f"on: {lengths[0]} buckets captured"
     assert result.val_f1 > 0.9 and np.isfinite(result.history[-1].train_loss)
 
 

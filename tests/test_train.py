@@ -34,22 +34,24 @@ def ctx(tiny_data_dir: Path, tiny_model_dir: Path):
 @pytest.mark.parametrize(
     "requested, cuda, mps, expected",
     [
-        ("auto", True, True, "cuda"),
-        ("auto", False, True, "mps"),
-        ("auto", False, False, "cpu"),
-        ("cpu", True, True, "cpu"),
-        ("mps", False, True, "mps"),
+        ("auto", 1, True, "cuda:0"),
+        ("auto", 0, True, "mps"),
+        ("auto", 0, False, "cpu"),
+        ("cpu", 1, True, "cpu"),
+        ("mps", 0, True, "mps"),
+        ("cuda", 2, False, "cuda:0"),
+        ("cuda:1", 2, False, "cuda:1"),
     ],
 )
-def test_resolve_device(requested: str, cuda: bool, mps: bool, expected: str) -> None:
+def test_resolve_device(requested: str, cuda: int, mps: bool, expected: str) -> None:
     assert resolve_device(requested, cuda, mps) == expected
 
 
 def test_missing_device_is_an_error() -> None:
     with pytest.raises(DeviceError, match="no CUDA"):
-        resolve_device("cuda", False, True)
+        resolve_device("cuda", 0, True)
     with pytest.raises(DeviceError, match="MPS"):
-        resolve_device("mps", True, False)
+        resolve_device("mps", 1, False)
 
 
 @pytest.mark.parametrize(
