@@ -35,7 +35,7 @@ COLORS = {
 }
 COST_TITLES = {
     "trainable_params": "Trainable parameters (log scale)",
-    "train_time_s": "Training time, setup included (s)",
+    "wait_time_s": "Training time, setup included (s)",
 }
 F1_TITLE = "Validation macro-F1"
 
@@ -56,6 +56,7 @@ def hover_text(record: TrialRecord) -> str:
         ("test F1", record.test_f1),
         ("trainable params", record.trainable_params),
         ("train time s", record.train_time_s),
+        ("setup s", record.setup_time_s),
         ("epochs run", record.epochs_run),
     ):
         if value is not None:

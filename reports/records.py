@@ -37,11 +37,11 @@ class TrialRecord:
     trainable_params: int | None = None
     total_params: int | None = None
     trainable_share_pct: float | None = None
-    # The time a user waits for the training: setup (device copy, CUDA graph capture, optimizer)
-    # plus the epochs, evaluation excluded (`wait_time_s`). This is the Pareto time axis and the
-    # time of the baseline ratio; trials from before `setup_time_s` existed count their epochs.
-    train_time_s: float | None = None
-    setup_time_s: float | None = None  # the setup part of it, where the trial recorded one
+    train_time_s: float | None = None  # the epochs, evaluation excluded (the trial attribute)
+    setup_time_s: float | None = None  # before the first epoch: device copy, graph capture, ...
+    # The time a user waits for the training, setup + epochs: the Pareto time axis and the time
+    # of the baseline ratio; trials from before `setup_time_s` existed count their epochs.
+    wait_time_s: float | None = None
     epochs_run: int | None = None
     max_epochs: int | None = None
     best_epoch: int | None = None
@@ -155,8 +155,9 @@ def to_record(trial: FrozenTrial, study: str, *, baseline: bool = False) -> Tria
         trainable_params=trainable,
         total_params=total,
         trainable_share_pct=share,
-        train_time_s=wait_time_s(attrs),
+        train_time_s=as_float(attrs.get("train_time_s")),
         setup_time_s=as_float(attrs.get("setup_time_s")),
+        wait_time_s=wait_time_s(attrs),
         epochs_run=epochs_run,
         max_epochs=as_int(attrs.get("max_epochs")),
         best_epoch=as_int(attrs.get("best_epoch")),

@@ -47,7 +47,7 @@ def fmt(column: str, value: Any) -> str:
         return f"{value:.4f}"
     if column in COUNT_COLUMNS and isinstance(value, int):
         return f"{value:,}"
-    if column == "train_time_s" and isinstance(value, (int, float)):
+    if column in ("train_time_s", "wait_time_s") and isinstance(value, (int, float)):
         return f"{value:.1f}"
     if column == "trainable_share_pct" and isinstance(value, (int, float)):
         return f"{value:.2f}"
@@ -138,9 +138,8 @@ def findings_lines(findings: Findings) -> list[str]:
             )
         if findings.time_ratio is not None:
             lines.append(
-                f"Training time (setup included): {lora.train_time_s:.1f} s for the best LoRA "
-                f"trial against "
-                f"{base.train_time_s:.1f} s for the baseline, a ratio of "
+                f"Training time (setup included): {lora.wait_time_s:.1f} s for the best LoRA "
+                f"trial against {base.wait_time_s:.1f} s for the baseline, a ratio of "
                 f"{findings.time_ratio:.2f}."
             )
         else:

@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 from reports.records import TrialRecord
 
-CostKey = Literal["trainable_params", "train_time_s"]
-COST_KEYS: tuple[CostKey, ...] = ("trainable_params", "train_time_s")
+CostKey = Literal["trainable_params", "wait_time_s"]
+COST_KEYS: tuple[CostKey, ...] = ("trainable_params", "wait_time_s")
 
 # Fixed summary columns around the sampled parameters (which are inserted after "mode").
 SUMMARY_HEAD = ("study", "trial", "state", "mode")
@@ -37,13 +37,18 @@ SUMMARY_TAIL = (
     "total_params",
     "trainable_share_pct",
     "train_time_s",
+    "setup_time_s",
+    "wait_time_s",
     "epochs_run",
     "max_epochs",
     "best_epoch",
     "val_f1",
     "test_f1",
 )
-PARETO_HEAD = ("study", "trial", "val_f1", "test_f1", "trainable_params", "train_time_s", "mode")
+PARETO_HEAD = (
+    "study", "trial", "val_f1", "test_f1", "trainable_params", "train_time_s", "wait_time_s",
+    "mode",
+)  # fmt: skip
 
 
 def param_names(records: Sequence[TrialRecord]) -> list[str]:
@@ -163,6 +168,7 @@ def pareto_rows(front: Sequence[TrialRecord], names: Sequence[str]) -> list[dict
             "test_f1": r.test_f1,
             "trainable_params": r.trainable_params,
             "train_time_s": r.train_time_s,
+            "wait_time_s": r.wait_time_s,
             "mode": r.mode,
         }
         row.update({column: r.params.get(name) for name, column in params.items()})
@@ -291,7 +297,7 @@ def compute_findings(
         params_vs_baseline_pct=_ratio(
             None if lora_params is None else 100.0 * lora_params, base_params
         ),
-        time_ratio=_ratio(*both("train_time_s")),
+        time_ratio=_ratio(*both("wait_time_s")),
         top_params=dict(top_params),
         savings=pruning_savings(records),
         fronts=dict(fronts or {}),
@@ -331,7 +337,7 @@ def timing_notes(records: Sequence[TrialRecord], findings: Findings) -> list[str
     the same device, other thread counts, another kind of device): the time front and the
     baseline time ratio then measure the load as much as the method."""
     notes = []
-    timed = pareto_candidates(records, "train_time_s")
+    timed = pareto_candidates(records, "wait_time_s")
     loads = sorted({load_of(r) for r in timed}, key=str)
     if len(loads) > 1:
         groups = "; ".join(

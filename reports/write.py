@@ -80,11 +80,11 @@ Drawn = tuple[go.Figure, Figure]  # the interactive figure and its PNG twin
 
 FRONT_FILES: dict[CostKey, str] = {
     "trainable_params": "pareto_params",
-    "train_time_s": "pareto_time",
+    "wait_time_s": "pareto_time",
 }
 FRONT_TITLES: dict[CostKey, str] = {
     "trainable_params": "Pareto front: validation F1 vs trainable parameters",
-    "train_time_s": "Pareto front: validation F1 vs training time",
+    "wait_time_s": "Pareto front: validation F1 vs training time",
 }
 
 

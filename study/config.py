@@ -149,3 +149,8 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     if cfg.progress is None:
         cfg = replace(cfg, progress=sys.stderr.isatty())
     return cfg
+
+
+def make_config(cli: dict[str, Any], file_values: dict[str, Any] | None = None) -> StudyConfig:
+    """Defaults, the config file and the given flags (no study recipe: see `study.cli`)."""
+    return validate(replace(StudyConfig(), **given_values(cli, file_values)))

@@ -51,7 +51,7 @@ def dashboard_missing() -> str | None:
 # Fixed custom-plot ids: saving under the same id replaces the figure instead of adding one.
 FIGURE_IDS: dict[CostKey, str] = {
     "trainable_params": "pareto-f1-vs-trainable-params",
-    "train_time_s": "pareto-f1-vs-train-time",
+    "wait_time_s": "pareto-f1-vs-train-time",
 }
 OBJECTIVE_TEXT = (
     "**val_macro_f1**: validation macro-F1, maximised; a trial's value is its best epoch. "

@@ -230,8 +230,9 @@ def test_reports_and_the_note_compare_the_time_a_user_waits(ctx) -> None:
     plain = _frozen(1, train_s=30.0, setup_s=1.0, f1=0.80)  # waits 31 s
     old = _frozen(2, train_s=40.0, setup_s=None, f1=0.81)  # before setup_time_s: 40 s
     records = to_records([fast_epochs, plain, old], "s")
-    assert [r.train_time_s for r in records] == [60.0, 31.0, 40.0]
-    assert [r.number for r in pareto_front(records, "train_time_s")] == [1, 2]
+    assert [r.wait_time_s for r in records] == [60.0, 31.0, 40.0]
+    assert [r.train_time_s for r in records] == [10.0, 30.0, 40.0]  # the trials' own attribute
+    assert [r.number for r in pareto_front(records, "wait_time_s")] == [1, 2]
     base = _frozen(3, train_s=100.0, setup_s=20.0, f1=0.7, mode="full")
     findings = compute_findings([*records, *to_records([base], "b", baseline=True)], {})
     assert findings.time_ratio == pytest.approx(40.0 / 120.0)

@@ -207,14 +207,14 @@ def test_occupancy_counts_other_live_runs_and_forgets_dead_ones(tmp_path: Path) 
 
 
 def test_timing_notes_flag_times_measured_under_different_load() -> None:
-    lora = record(0, 0.8, train_time_s=10.0, device="cpu", concurrent_trials=1, torch_threads=1)
-    base = record(0, 0.6, factor=1.0, train_time_s=30.0, device="cpu", concurrent_trials=0,
+    lora = record(0, 0.8, wait_time_s=10.0, device="cpu", concurrent_trials=1, torch_threads=1)
+    base = record(0, 0.6, factor=1.0, wait_time_s=30.0, device="cpu", concurrent_trials=0,
                   torch_threads=2)  # fmt: skip
     notes = timing_notes([lora, base], compute_findings([lora, base], {}))
     assert len(notes) == 2
     assert "time front compares load" in notes[0] and "--workers 1" in notes[0]
     assert "beside 1 other trial(s), 1 torch thread(s)" in notes[1] and "alone" in notes[1]
-    same = record(0, 0.6, factor=1.0, train_time_s=30.0, device="cpu", concurrent_trials=1,
+    same = record(0, 0.6, factor=1.0, wait_time_s=30.0, device="cpu", concurrent_trials=1,
                   torch_threads=1)  # fmt: skip
     assert timing_notes([lora, same], compute_findings([lora, same], {})) == []
 

@@ -229,6 +229,7 @@ def rec(
         val_f1=f1,
         trainable_params=params,
         train_time_s=seconds,
+        wait_time_s=seconds,
     )
 
 
@@ -284,9 +285,9 @@ def test_pareto_front_on_training_time_and_bad_cost() -> None:
         rec(3, 0.95, 1, seconds=20.0),  # same F1 as #2 and faster
         rec(0, 0.97, 1, seconds=300.0, baseline=True),
     ]
-    front = pareto_front(records, "train_time_s")
+    front = pareto_front(records, "wait_time_s")
     assert [(r.study, r.number) for r in front] == [("lora", 1), ("lora", 3), ("full", 0)]
-    with pytest.raises(ValueError, match="trainable_params, train_time_s"):
+    with pytest.raises(ValueError, match="trainable_params, wait_time_s"):
         pareto_front(records, "flops")  # type: ignore[arg-type]
 
 
@@ -441,12 +442,12 @@ def test_findings_hand_checked() -> None:
     lora = TrialRecord(
         "lora", 4, "COMPLETE", False, "lora", val_f1=0.91, test_f1=0.90,
         trainable_params=1_000_000, total_params=100_000_000, trainable_share_pct=1.0,
-        train_time_s=150.0,
+        train_time_s=140.0, setup_time_s=10.0, wait_time_s=150.0,
     )  # fmt: skip
     worse = TrialRecord("lora", 5, "COMPLETE", False, "lora", val_f1=0.80, test_f1=0.95)
     base = TrialRecord(
         "full", 0, "COMPLETE", True, "full", val_f1=0.93, test_f1=0.92,
-        trainable_params=100_000_000, train_time_s=600.0,
+        trainable_params=100_000_000, train_time_s=600.0, wait_time_s=600.0,
     )  # fmt: skip
     tops = {FANOVA: ("learning_rate", 0.7), PED_ANOVA: ("lora_r", 0.5)}
     findings = compute_findings([lora, worse, base], tops)
@@ -591,9 +592,9 @@ def test_pareto_figure_marks_front_and_baseline(studies) -> None:
     front = fig.data[names.index("Pareto front")]
     assert len(front.x) == len(pareto_front(records, "trainable_params"))
 
-    timed = reports.pareto_figure(study.trials, baseline.trials, x="train_time_s")
+    timed = reports.pareto_figure(study.trials, baseline.trials, x="wait_time_s")
     assert timed.layout.xaxis.type != "log"
-    empty = reports.pareto_figure([], [], x="train_time_s")
+    empty = reports.pareto_figure([], [], x="wait_time_s")
     assert "No COMPLETE trial" in empty.layout.annotations[0].text
     with pytest.raises(ValueError):
         reports.pareto_figure([], [], x="epochs")  # type: ignore[arg-type]
@@ -635,7 +636,7 @@ def test_write_reports_writes_every_file(studies, tmp_path: Path) -> None:
     records = to_records(study.trials, "banking77") + to_records(
         baseline.trials, "banking77-full-ft", baseline=True
     )
-    for name, cost in (("pareto_params", "trainable_params"), ("pareto_time", "train_time_s")):
+    for name, cost in (("pareto_params", "trainable_params"), ("pareto_time", "wait_time_s")):
         rows = read_csv(out / f"{name}.csv")
         expected = pareto_front(records, cost)
         assert [(r["study"], int(r["trial"])) for r in rows] == [
@@ -653,7 +654,7 @@ def test_write_reports_writes_every_file(studies, tmp_path: Path) -> None:
     assert f"banking77 #{best.number}" in findings
     assert f"validation {best.val_f1 - BASELINE_F1:+.4f}" in findings
     assert f"test {best.test_f1 - (BASELINE_F1 - 0.02):+.4f}" in findings
-    assert f"a ratio of {best.train_time_s / 600:.2f}" in findings
+    assert f"a ratio of {best.wait_time_s / 600:.2f}" in findings
     assert "Most important parameter for validation F1: learning_rate" in findings
     savings = pruning_savings(records)
     assert f"{savings.epochs_run} epochs run of a budget of {savings.epoch_budget}" in findings
