@@ -139,8 +139,10 @@ def paired_test(
     return PairedTest(len(y_true), f1_a, f1_b, low, high, only_a, only_b, p)
 
 
-def verdict_line(test: PairedTest, a: str, b: str) -> str:
-    """One sentence: the verdict, the interval and McNemar's test."""
+def verdict_line(test: PairedTest, a: str, b: str, short_a: str = "", short_b: str = "") -> str:
+    """One sentence: the verdict, the interval and McNemar's test (`short_*`: names for the
+    counts, `a` and `b` themselves by default)."""
+    short_a, short_b = short_a or a, short_b or b
     head = {
         "distinguishable": f"Distinguishable on this test set: {a} is "
         f"{'above' if test.difference > 0 else 'below'} {b}",
@@ -152,8 +154,8 @@ def verdict_line(test: PairedTest, a: str, b: str) -> str:
     return (
         f"{head}; test macro-F1 difference {test.difference:+.4f} (paired bootstrap 95% CI "
         f"{test.low:+.4f} to {test.high:+.4f}, {test.n:,} examples); McNemar exact p = "
-        f"{test.p_value:.3g} ({test.only_a} examples only {a} gets right, {test.only_b} only "
-        f"{b})."
+        f"{test.p_value:.3g} ({test.only_a} examples only {short_a} gets right, {test.only_b} "
+        f"only {short_b})."
     )
 
 

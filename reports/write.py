@@ -336,7 +336,7 @@ def _test_noise(
             rows.append(noise_row(record.label, ", ".join(reasons), other.label, test))
             if record is best:
                 who = f"the best LoRA trial ({record.label})"
-                lines.append(verdict_line(test, who, other_name))
+                lines.append(verdict_line(test, who, other_name, "LoRA", other.label))
     if missing:
         lines.append(
             "Not computed for "
