@@ -29,9 +29,10 @@ from objectives.objective import (
 )
 from objectives.space import Space, load_space
 from objectives.train import detect_device, prepare
-from storage import get_storage, parse_url
+from storage import EXIT_UNAVAILABLE, get_storage, parse_url, unavailable_in
 from study.config import BASELINE_SUFFIX, ConfigError, StudyConfig
 from study.notes import DashboardNotes
+from study.quota import optimize_quota
 from study.winners import keeping_weights
 
 OBJECTIVE_NAME = "val_macro_f1"
@@ -210,7 +211,7 @@ def optimize_worker(cfg: StudyConfig, n_trials: int, worker: int, prep: Prepared
     """One worker: its own sampler seed (so workers do not propose the same points), the study."""
     share_cpu_threads(cfg)
     prep = prep or prepare_run(cfg)
-    storage = get_storage(cfg.storage, cfg.heartbeat)
+    storage = get_storage(cfg.storage, cfg.heartbeat, wait=True)  # it worked for the parent
     study = open_study(
         storage,
         cfg.study_name,
@@ -219,7 +220,8 @@ def optimize_worker(cfg: StudyConfig, n_trials: int, worker: int, prep: Prepared
         pruner=make_pruner(cfg.pruner, cfg.epochs),
     )
     objective = LoraObjective(prep.space, train_config(cfg), keeping_weights(prep, cfg))
-    study.optimize(
+    optimize_quota(  # study.optimize, surviving a trial taken over after a database outage
+        study,
         objective,
         n_trials=n_trials,
         timeout=cfg.timeout,
@@ -248,6 +250,12 @@ def _spawned_worker(cfg: StudyConfig, n_trials: int, worker: int) -> None:
         optimize_worker(replace(cfg, progress=False), n_trials, worker)
     except KeyboardInterrupt:
         sys.exit(130)  # the interrupted trial is already marked FAIL by Optuna
+    except Exception as e:
+        outage = unavailable_in(e)  # the database stayed away: one line, as the CLI prints it
+        if outage is None:
+            raise
+        print(f"error: {outage}", file=sys.stderr)
+        sys.exit(EXIT_UNAVAILABLE)
 
 
 def run_optimize(cfg: StudyConfig) -> tuple[optuna.Study, optuna.Study]:
