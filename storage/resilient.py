@@ -29,6 +29,8 @@ Why the retry lives here, below Optuna's `_CachedStorage` and above SQLAlchemy:
   - deleting a study: a repeat that finds the study gone counts as done.
 - Deadlocks and lock timeouts are not outages: they are repeated a few times at once, quietly,
   as Optuna does for new trials.
+The three rewritten transactions follow Optuna 5.0.0's own (pinned in requirements.txt); the
+tests in tests/test_outage.py lose replies on purpose and fail if Optuna's internals drift.
 
 The heartbeat: Optuna's heartbeat thread dies on the first exception, so `record_heartbeat`
 never raises (a missed beat is harmless; the main thread reports a long outage). After an

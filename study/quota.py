@@ -21,6 +21,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from storage import unavailable_in
+
 Callback = Callable[[optuna.Study, FrozenTrial], None]
 
 
@@ -58,8 +60,8 @@ def optimize_quota(
                 **kwargs,
             )
             return
-        except Exception:
-            if not current or not taken_over(study, current[0]):
+        except Exception as e:
+            if unavailable_in(e) is not None or not current or not taken_over(study, current[0]):
                 raise
             print(
                 f"warning: trial {current[0]} was failed as stale by another worker after the "

@@ -133,8 +133,10 @@ def test_eight_workers_on_a_database_server(
         delete_studies(server_url, name)
 
 
-def test_four_workers_through_a_storage_proxy(tiny_model_dir: Path, tiny_data_dir: Path) -> None:
-    """`storage-proxy` in front of PostgreSQL; the workers reach only the proxy."""
+def test_four_workers_through_a_storage_proxy(
+    tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """`storage-proxy` in front of PostgreSQL; the workers and `report` reach only the proxy."""
     url = reachable_url("postgresql")
     name = f"proxy-{uuid.uuid4().hex[:8]}"
     proxy = subprocess.Popen(
@@ -166,6 +168,14 @@ def test_four_workers_through_a_storage_proxy(tiny_model_dir: Path, tiny_data_di
         stderr = run_concurrently(cmds)
         check_study(url, name, 8, stderr)  # read back directly from PostgreSQL
         print(f"4 workers through {grpc_url} on {url}: 8 trials")
+        report = subprocess.run(
+            [sys.executable, "-m", "study", "report", "--storage", grpc_url, "--study-name", name,
+             "--out", str(tmp_path / "report")],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert report.returncode == 0, report.stderr
+        # header, 8 LoRA trials, the baseline (and any FAIL rivals of the baseline race)
+        assert (tmp_path / "report" / "summary.csv").read_text().count("\n") >= 1 + 8 + 1
         proxy.terminate()
         out, err = proxy.communicate(timeout=30)
         assert proxy.returncode == 0, err
