@@ -33,10 +33,11 @@ The three rewritten transactions follow Optuna 5.0.0's own (pinned in requiremen
 tests in tests/test_outage.py lose replies on purpose and fail if Optuna's internals drift.
 
 The heartbeat: Optuna's heartbeat thread dies on the first exception, so `record_heartbeat`
-never raises (a missed beat is harmless; the main thread reports a long outage). After an
-outage every worker's heartbeat is old, so this storage does not fail other workers' trials as
-stale until one grace period after it saw the database come back: the live workers have beaten
-again by then, and only dead ones are failed and retried.
+makes one attempt per beat and never raises for a lost connection (a missed beat is harmless;
+the main thread reports a long outage). After an outage every worker's heartbeat is old, so
+this storage does not fail other workers' trials as stale until one grace period after it saw
+the database come back: the live workers have beaten again by then (the heartbeat interval is
+shorter than the grace period), and only dead ones are failed and retried.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import random
 import sys
 import threading
@@ -119,6 +121,31 @@ def _reason(exc: BaseException) -> str:
         return f"{args[1]} [{args[0]}]"
     text = str(deepest).strip()
     return text.splitlines()[0] if text else type(deepest).__name__
+
+
+class _QuietFallback(logging.Filter):
+    """Optuna's `_get_trials` logs any OperationalError as "Falling back to a slower
+    alternative" (meant for too many IN variables) and queries again; during an outage that is
+    a multi-line SQL dump on the operator's terminal for a call that is retried anyway. Records
+    from inside this module's calls are dropped; the slower query still runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.inside, "on", False)
+
+
+def _quiet_fallback() -> _QuietFallback:
+    """The filter on Optuna's RDB logger, added once per process."""
+    logger = logging.getLogger("optuna.storages._rdb.storage")
+    for existing in logger.filters:
+        if isinstance(existing, _QuietFallback):
+            return existing
+    quiet = _QuietFallback()
+    logger.addFilter(quiet)
+    return quiet
 
 
 class _Outage:
@@ -253,7 +280,6 @@ class ResilientRDBStorage(RDBStorage):
     get_trial_param = _retried("get_trial_param")
     get_trial_id_from_study_id_trial_number = _retried("get_trial_id_from_study_id_trial_number")
     get_trial = _retried("get_trial")
-    _get_trials = _retried("_get_trials")  # behind get_all_trials and Optuna's trial cache
     _get_best_trial_id = _retried("_get_best_trial_id")
     # writes of a value under a key (upserts; a repeated parameter insert is ignored)
     set_study_user_attr = _retried("set_study_user_attr")
@@ -264,13 +290,37 @@ class ResilientRDBStorage(RDBStorage):
     _set_trial_param = _retried("_set_trial_param")  # behind set_trial_param
     del _retried
 
+    def _get_trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
+        """Behind get_all_trials and Optuna's trial cache; see _QuietFallback."""
+        quiet = _quiet_fallback()
+
+        def attempt() -> list[FrozenTrial]:
+            quiet.inside.on = True
+            try:
+                return RDBStorage._get_trials(self, *args, **kwargs)
+            finally:
+                quiet.inside.on = False
+
+        return self._call(attempt)
+
     # ------------------------------------------------------------------ heartbeat
 
     def record_heartbeat(self, trial_id: int) -> None:
+        # One attempt per beat, and no exception for a lost connection: Optuna's heartbeat
+        # thread dies on one (with a traceback), and it is joined when the trial ends, so a retry
+        # loop here would hold up even Ctrl-C. A missed beat is harmless: the next one follows
+        # after the heartbeat interval, shorter than the grace period.
         try:
-            self._call(lambda: RDBStorage.record_heartbeat(self, trial_id))
-        except StorageUnavailable:
-            pass  # Optuna's heartbeat thread would die with a traceback; see the module doc
+            RDBStorage.record_heartbeat(self, trial_id)
+        except Exception as e:
+            if classify(e) is None:
+                raise
+            try:
+                self._down(e)  # the outage is noted (and announced) all the same
+            except StorageUnavailable:
+                pass  # the main thread ends the worker at its next storage call
+            return
+        self._up()
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         stale = self._call(lambda: RDBStorage._get_stale_trial_ids(self, study_id))

@@ -200,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
         "storage-proxy",
         help="serve Optuna's gRPC storage proxy for a database (127.0.0.1:13000), for many workers",
     )
-    prx.add_argument("--storage", help=STORAGE_HELP.replace("; grpc://HOST:PORT", "; not grpc"))
+    prx.add_argument(
+        "--storage",
+        help=f"the database to serve (default ${STORAGE_ENV}, else {DEFAULT_URL})",
+    )
     prx.add_argument(
         "--host",
         default="127.0.0.1",

@@ -9,6 +9,8 @@ unreachable server is a failure, not a skip.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import subprocess
 import sys
@@ -66,6 +68,20 @@ def lose_next_reply(storage: RDBStorage) -> list[bool]:
 
     dialect.do_commit = do_commit
     return armed
+
+
+@contextlib.contextmanager
+def optuna_records(name: str):
+    """The log records of one of Optuna's loggers (they do not reach pytest's caplog)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 @pytest.fixture(params=sorted(PORTS))
@@ -141,6 +157,28 @@ def test_calls_wait_out_a_cut_connection(server, names) -> None:
     assert len(notes) == 2, notes
     assert notes[0].startswith(f"warning: storage {via(url, link.port)} unreachable (")
     assert notes[1].startswith(f"storage {via(url, link.port)} reachable again after ")
+
+
+def test_a_connection_lost_inside_a_read_shows_no_sql(names) -> None:
+    """Optuna's trial read logs any OperationalError of its main query as a multi-line SQL dump
+    ("Falling back to a slower alternative"); from this storage the operator sees none."""
+    url = reachable_url("postgresql")
+    storage = resilient(url, [])
+    study = optuna.create_study(storage=storage, study_name=names(url))
+    study.ask()
+    armed = [True]
+    dialect = storage.engine.dialect
+
+    def drop_main_query(conn, cursor, statement, parameters, context, executemany) -> None:
+        if armed and "ORDER BY trials.trial_id" in statement:
+            armed.pop()
+            lost = dialect.loaded_dbapi.OperationalError("server closed the connection")
+            raise sqlalchemy.exc.OperationalError(statement, parameters, lost)
+
+    sqlalchemy.event.listen(storage.engine, "before_cursor_execute", drop_main_query)
+    with optuna_records("optuna.storages._rdb.storage") as records:
+        assert len(storage.get_all_trials(study._study_id)) == 1
+    assert not armed and records == []
 
 
 def test_a_lost_reply_creates_one_trial_and_ends_it_once(server, names) -> None:
