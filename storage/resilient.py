@@ -148,6 +148,34 @@ def _quiet_fallback() -> _QuietFallback:
     return quiet
 
 
+class _QuietReset(logging.Filter):
+    """SQLAlchemy logs a traceback ("Exception during reset or similar") when a connection is
+    given back to the pool after its server went away (PyMySQL's rollback-on-return fails).
+    SQLAlchemy discards that connection and the next call here gets a fresh one, so for a lost
+    connection the traceback would only alarm the operator; other reset failures still show."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: tuple[type[BaseException], ...] = ()  # the drivers' connection errors
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        lost = isinstance(exc, self.lost)
+        return not (lost and record.msg == "Exception during reset or similar")
+
+
+def _quiet_reset(engine: sqlalchemy.engine.Engine) -> None:
+    """Add (once per process and driver) the filter to the logger of `engine`'s pool."""
+    logger = engine.pool.logger
+    logger = getattr(logger, "logger", logger)  # an echoing pool wraps its logger
+    quiet = next((f for f in logger.filters if isinstance(f, _QuietReset)), None)
+    if quiet is None:
+        quiet = _QuietReset()
+        logger.addFilter(quiet)
+    dbapi = engine.dialect.loaded_dbapi
+    quiet.lost = tuple({*quiet.lost, dbapi.OperationalError, dbapi.InterfaceError})
+
+
 class _Outage:
     """What all threads of one storage know about the current outage."""
 
@@ -177,6 +205,7 @@ class ResilientRDBStorage(RDBStorage):
         self.notify = notify
         self._outage = _Outage()
         super().__init__(url, engine_kwargs, **kwargs)
+        _quiet_reset(self.engine)
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
@@ -186,6 +215,7 @@ class ResilientRDBStorage(RDBStorage):
     def __setstate__(self, state: dict[Any, Any]) -> None:
         state["_outage"] = _Outage()
         super().__setstate__(state)
+        _quiet_reset(self.engine)
 
     # ------------------------------------------------------------------ the retry loop
 
