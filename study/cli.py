@@ -1,12 +1,14 @@
 """The command line: `python -m study <command>`.
 
 Exit codes: 0 on success, 2 on a usage or input error (one line on stderr, no traceback),
-130 when interrupted, anything else is a bug and shows its traceback.
+75 when the database stayed unreachable past --db-outage-grace (rerun to resume), 130 when
+interrupted, anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -17,7 +19,15 @@ from objectives.model import ModelLoadError
 from objectives.space import SpaceError
 from objectives.train import DeviceError
 from objectives.weights import WeightsError
-from storage import DEFAULT_URL, StorageError, redact
+from storage import (
+    DEFAULT_URL,
+    EXIT_UNAVAILABLE,
+    OUTAGE_GRACE_S,
+    STORAGE_ENV,
+    StorageError,
+    redact,
+    resolve_url,
+)
 from study import recipe
 from study.bench import add_bench_command
 from study.config import (
@@ -52,6 +62,11 @@ USER_ERRORS = (
     WinnersError,
     PredictError,
 )
+STORAGE_HELP = (
+    f"Optuna storage URL (default ${STORAGE_ENV}, else {DEFAULT_URL}); "
+    "grpc://HOST:PORT for a storage proxy"
+)
+CONFIG_HELP = "TOML file whose storage and study_name keys are used (flags win)"
 ARTIFACT_DIR_HELP = (
     "folder of the artifact store holding kept weights (default: the study's, else weights/ "
     "beside the SQLite or journal file, else artifacts/weights)"
@@ -63,7 +78,7 @@ def _add_run_flags(
 ) -> None:
     """Flags shared by `optimize` and `baseline`; None means 'not given' (config file wins)."""
     p.add_argument("--study-name", help="study name; the baseline is <name>-full-ft (banking77)")
-    p.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULT_URL})")
+    p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument("--model", help="Hub id or local model folder (default bert-base-uncased)")
     p.add_argument(
         "--data-dir",
@@ -106,6 +121,12 @@ def _add_run_flags(
         "--grace-period",
         type=int,
         help="seconds without heartbeat before a trial counts as dead, is failed and retried (30)",
+    )
+    p.add_argument(
+        "--db-outage-grace",
+        type=float,
+        help=f"seconds a worker waits out a lost database connection before it stops "
+        f"({OUTAGE_GRACE_S:.0f})",
     )
     p.add_argument("--artifact-dir", help=ARTIFACT_DIR_HELP)
     p.add_argument("--config", help="TOML file with defaults for these flags (keys = flag names)")
@@ -185,13 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     con.set_defaults(run=_confirm)
 
     rep = sub.add_parser("report", help="write importance and Pareto reports for a study")
-    rep.add_argument("--study-name", default="banking77", help="the LoRA study (banking77)")
-    rep.add_argument("--storage", default=DEFAULT_URL, help=f"Optuna storage URL ({DEFAULT_URL})")
+    rep.add_argument("--study-name", help="the LoRA study (banking77)")
+    rep.add_argument("--storage", help=STORAGE_HELP)
+    rep.add_argument("--config", help=CONFIG_HELP)
     rep.add_argument("--out", help="output folder (default artifacts/reports/<study-name>)")
     rep.set_defaults(run=_report)
 
     dash = sub.add_parser("dashboard", help="serve optuna-dashboard for the storage (127.0.0.1)")
-    dash.add_argument("--storage", default=DEFAULT_URL, help=f"Optuna storage URL ({DEFAULT_URL})")
+    dash.add_argument("--storage", help=STORAGE_HELP)
+    dash.add_argument("--config", help=CONFIG_HELP)
     dash.add_argument(
         "--host",
         default="127.0.0.1",
@@ -205,8 +228,33 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser(
         "studies", help="list the studies in a storage: role, trials, best F1, model, data"
     )
-    ls.add_argument("--storage", default=DEFAULT_URL, help=f"Optuna storage URL ({DEFAULT_URL})")
+    ls.add_argument("--storage", help=STORAGE_HELP)
+    ls.add_argument("--config", help=CONFIG_HELP.replace(" and study_name keys are", " key is"))
     ls.set_defaults(run=_studies)
+
+    prx = sub.add_parser(
+        "storage-proxy",
+        help="serve Optuna's gRPC storage proxy for a database (127.0.0.1:13000), for many workers",
+    )
+    prx.add_argument(
+        "--storage",
+        help=f"the database to serve (default ${STORAGE_ENV}, else {DEFAULT_URL})",
+    )
+    prx.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (127.0.0.1); another one lets anyone who reaches it read, "
+        "change and delete studies: the proxy has no authentication or encryption",
+    )
+    prx.add_argument("--port", type=int, default=13000, help="port (13000; 0: any free port)")
+    prx.add_argument(
+        "--db-outage-grace",
+        type=float,
+        default=OUTAGE_GRACE_S,
+        help=f"seconds each call waits out a lost database connection ({OUTAGE_GRACE_S:.0f})",
+    )
+    prx.add_argument("--config", help=CONFIG_HELP.replace(" and study_name keys are", " key is"))
+    prx.set_defaults(run=_storage_proxy)
 
     _add_winner_commands(sub)
     add_bench_command(sub)
@@ -216,13 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_trial_flags(p: argparse.ArgumentParser) -> None:
     """Flags of the commands that reload a trial's kept weights (`evaluate`, `export`)."""
-    p.add_argument("--study-name", default="banking77", help="the LoRA study (banking77)")
+    p.add_argument("--study-name", help="the LoRA study (banking77)")
     p.add_argument(
         "--trial",
         required=True,
         help="a trial number, best (the LoRA study's best) or baseline (the full-FT baseline)",
     )
-    p.add_argument("--storage", default=DEFAULT_URL, help=f"Optuna storage URL ({DEFAULT_URL})")
+    p.add_argument("--storage", help=STORAGE_HELP)
+    p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--artifact-dir", help=ARTIFACT_DIR_HELP)
 
 
@@ -282,10 +331,19 @@ def _config(args: argparse.Namespace, fixed: tuple[str, ...] = recipe.FIXED) -> 
     file_values = read_config_file(args.config) if args.config else None
     given = given_values(vars(args), file_values)
     validate(replace(StudyConfig(), **given))  # a bad value is named as such, study or not
-    url = given.get("storage", StudyConfig.storage)
+    args.storage = given["storage"]  # for the error message of a storage that fails later
     name = given.get("study_name", StudyConfig.study_name)
-    made_with = recipe.load(url, name) or recipe.load(url, name + BASELINE_SUFFIX)
+    made_with = recipe.load(args.storage, name) or recipe.load(args.storage, name + BASELINE_SUFFIX)
     return validate(replace(StudyConfig(), **recipe.merge(given, made_with, name, fixed)))
+
+
+def _settle(args: argparse.Namespace) -> None:
+    """--storage (and --study-name) of the commands without a run config: flag > the --config
+    file's key > ($STUDY_STORAGE for the storage) > default. The file may be a run's config."""
+    file_values = read_config_file(args.config) if args.config else {}
+    args.storage = resolve_url(args.storage, file_values.get("storage"))
+    if "study_name" in vars(args) and args.study_name is None:
+        args.study_name = file_values.get("study_name", StudyConfig.study_name)
 
 
 def _optimize(args: argparse.Namespace) -> int:
@@ -363,6 +421,7 @@ def _report(args: argparse.Namespace) -> int:
     from study.confirm import confirm_name
     from study.runner import load_studies
 
+    _settle(args)
     storage = get_storage(args.storage, create=False)
     study, baseline = load_studies(storage, args.study_name)
     confirm = None
@@ -378,6 +437,7 @@ def _studies(args: argparse.Namespace) -> int:
     from storage import get_storage
     from study.studies import list_studies
 
+    _settle(args)
     print(list_studies(get_storage(args.storage, heartbeat=None, create=False)))
     return 0
 
@@ -385,12 +445,14 @@ def _studies(args: argparse.Namespace) -> int:
 def _dashboard(args: argparse.Namespace) -> int:
     from study.dashboard import serve
 
+    _settle(args)
     return serve(args.storage, args.host, args.port, args.artifact_dir)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from study.evaluate import evaluate_trial
 
+    _settle(args)
     folder, doc = evaluate_trial(
         args.storage,
         args.artifact_dir,
@@ -418,12 +480,20 @@ def _num(value: float | None) -> str:
 def _export(args: argparse.Namespace) -> int:
     from study.winners import export_trial
 
+    _settle(args)
     name, trial, restored = export_trial(
         args.storage, args.artifact_dir, args.study_name, args.trial, args.out, args.merge
     )
     kind = "adapter" if restored.info.mode == "lora" and not args.merge else "full model"
     print(f"exported {name} trial {trial.number} ({kind}) to {args.out}")
     return 0
+
+
+def _storage_proxy(args: argparse.Namespace) -> int:
+    from study.proxy import serve_proxy
+
+    _settle(args)
+    return serve_proxy(args.storage, args.host, args.port, args.db_outage_grace)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -436,12 +506,29 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+class _TrialFailureTracebacks(logging.Filter):
+    """Drops the traceback from Optuna's "Trial N failed" warning when the failure is one the
+    study expects (TRIAL_FAILURES: a NaN loss, out of memory, a worker that lost the race for
+    the baseline): the trial's fail_reason says why, and a traceback there reads like a crash."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from objectives.objective import TRIAL_FAILURES
+
+        if record.exc_info and isinstance(record.exc_info[1], TRIAL_FAILURES):
+            record.exc_info = None
+        return True
+
+
 def quiet_libraries() -> None:
     """Keep the terminal for progress and results: hide library notices users cannot act on."""
     import warnings
 
     import optuna
     import transformers
+
+    optimize_log = optuna.logging.get_logger("optuna.study._optimize")
+    if not any(isinstance(f, _TrialFailureTracebacks) for f in optimize_log.filters):
+        optimize_log.addFilter(_TrialFailureTracebacks())
 
     # heartbeat, metric names and stale-trial handling are stable in practice; they are the point
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -465,9 +552,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        from storage import describe_failure
+        from storage import describe_failure, unavailable_in
 
-        message = describe_failure(e, getattr(args, "storage", None) or DEFAULT_URL)
+        outage = unavailable_in(e)
+        if outage is not None:  # an outage longer than --db-outage-grace: rerun to resume
+            print(f"error: {outage}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        message = describe_failure(e, resolve_url(getattr(args, "storage", None)))
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)

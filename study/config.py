@@ -1,7 +1,8 @@
 """The run configuration of the `optimize` and `baseline` commands.
 
 Precedence: command-line flags > a `--config FILE.toml` (keys are the field names below) >
-the defaults here.
+the defaults here; the storage URL alone may also come from STUDY_STORAGE, after the config
+file (`storage.resolve_url`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from typing import Any
 
 from objectives.data import DATA_DIR_ENV
 from objectives.train import is_device_name
-from storage import DEFAULT_URL, GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, Heartbeat
+from storage import (
+    DEFAULT_URL,
+    GRACE_PERIOD_S,
+    HEARTBEAT_INTERVAL_S,
+    OUTAGE_GRACE_S,
+    Heartbeat,
+    resolve_url,
+)
 
 SAMPLERS = ("tpe", "random", "gp")
 PRUNERS = ("hyperband", "median", "none")
@@ -57,6 +65,8 @@ class StudyConfig:
     # period; 10 s / 30 s lets a resume started a minute after a kill recover it at once.
     heartbeat_interval: int = HEARTBEAT_INTERVAL_S
     grace_period: int = GRACE_PERIOD_S
+    # seconds a worker waits out a lost PostgreSQL/MySQL connection before it stops (storage)
+    db_outage_grace: float = OUTAGE_GRACE_S
     keep: str = "best"  # LoRA trials keeping weights: all, best (top keep_top by val F1), none
     keep_top: int = 5  # K of keep = "best"; the baseline always keeps its weights
     artifact_dir: str | None = None  # None: weights/ beside the SQLite/journal file (study.winners)
@@ -73,7 +83,7 @@ class StudyConfig:
 
     @property
     def heartbeat(self) -> Heartbeat:
-        return Heartbeat(self.heartbeat_interval, self.grace_period)
+        return Heartbeat(self.heartbeat_interval, self.grace_period, self.db_outage_grace)
 
     @property
     def resolved_data_dir(self) -> str | None:
@@ -109,6 +119,8 @@ def given_values(cli: dict[str, Any], file_values: dict[str, Any] | None = None)
     """The config file's values, then the flags that were given (None = not given)."""
     values = dict(file_values or {})
     values.update({k: v for k, v in cli.items() if k in _FIELDS and v is not None})
+    # --storage, else the config file's, else $STUDY_STORAGE, else the default
+    values["storage"] = resolve_url(cli.get("storage"), values.get("storage"))
     return values
 
 
@@ -132,6 +144,7 @@ def validate(cfg: StudyConfig) -> StudyConfig:
         positive("max_train_samples", cfg.max_train_samples)
     if cfg.timeout is not None:
         positive("timeout", cfg.timeout, integer=False)
+    positive("db_outage_grace", cfg.db_outage_grace, integer=False)
     positive("keep_top", cfg.keep_top)
     for name, allowed in (
         ("sampler", SAMPLERS),

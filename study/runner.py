@@ -38,10 +38,11 @@ from objectives.objective import (
 )
 from objectives.space import Space, load_space
 from objectives.train import cuda_device_count, detect_device, prepare, worker_device
-from storage import get_storage, parse_url
+from storage import EXIT_UNAVAILABLE, get_storage, parse_url, unavailable_in
 from study import recipe
 from study.config import BASELINE_SUFFIX, ConfigError, StudyConfig
 from study.notes import DashboardNotes, dashboard_missing
+from study.quota import optimize_quota
 from study.winners import artifact_dir, keeping_weights
 
 OBJECTIVE_NAME = "val_macro_f1"
@@ -282,7 +283,7 @@ def optimize_worker(
     """
     share_cpu_threads(cfg)
     prep = prep or prepare_run(cfg)
-    storage = get_storage(cfg.storage, cfg.heartbeat)
+    storage = get_storage(cfg.storage, cfg.heartbeat, wait=True)  # it worked for the parent
     study = open_study(
         storage,
         cfg.study_name,
@@ -292,7 +293,8 @@ def optimize_worker(
         made_with=study_recipe(cfg, prep, with_space=True),
     )
     objective = LoraObjective(prep.space, train_config(cfg), keeping_weights(prep, cfg))
-    study.optimize(
+    optimize_quota(  # study.optimize, surviving a trial taken over after a database outage
+        study,
         objective,
         n_trials=n_trials,
         timeout=cfg.timeout,
@@ -322,6 +324,12 @@ def _spawned_worker(cfg: StudyConfig, n_trials: int, worker: int, notes: bool = 
         optimize_worker(replace(cfg, progress=False), n_trials, worker, notes=notes)
     except KeyboardInterrupt:
         sys.exit(130)  # the interrupted trial is already marked FAIL by Optuna
+    except Exception as e:
+        outage = unavailable_in(e)  # the database stayed away: one line, as the CLI prints it
+        if outage is None:
+            raise
+        print(f"error: {outage}", file=sys.stderr)
+        sys.exit(EXIT_UNAVAILABLE)
 
 
 def run_optimize(cfg: StudyConfig) -> tuple[optuna.Study, optuna.Study]:

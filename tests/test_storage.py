@@ -1,4 +1,4 @@
-"""Storage URLs: dispatch, clear errors for mistyped URLs, passwords never shown."""
+"""Storage URLs: dispatch, clear errors for mistyped URLs, passwords never shown, the proxy."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from storage import StorageError, get_storage, parse_url, redact, scrub
+from storage import StorageError, get_storage, grpc_address, parse_url, redact, scrub
 
 
 @pytest.mark.parametrize(
@@ -19,6 +19,10 @@ from storage import StorageError, get_storage, parse_url, redact, scrub
         ("postgresql+psycopg://user:pw@localhost:5432/test", "rdb"),
         ("mysql+pymysql://root@127.0.0.1/test", "rdb"),
         ("journal:artifacts/study.log", "journal"),
+        ("grpc://127.0.0.1:13000", "grpc"),
+        ("grpc://proxyhost:13000/", "grpc"),
+        ("grpc://[::1]:13000", "grpc"),
+        ("mysql+pymysql://study@db/optuna?read_default_file=~/.my.cnf", "rdb"),
     ],
 )
 def test_valid_urls(url: str, kind: str) -> None:
@@ -36,6 +40,11 @@ def test_valid_urls(url: str, kind: str) -> None:
         ("mongodb://host/db", "unknown scheme"),
         ("postgresql:///test", "no host"),
         ("journal:", "journal:artifacts/study.log"),
+        ("grpc://127.0.0.1", "grpc://HOST:PORT"),
+        ("grpc://127.0.0.1:port", "grpc://HOST:PORT"),
+        ("grpc://:13000", "grpc://HOST:PORT"),
+        ("grpc://127.0.0.1:13000/study", "grpc://HOST:PORT"),
+        ("grpc:127.0.0.1:13000", "grpc://HOST:PORT"),
     ],
 )
 def test_mistyped_urls_say_what_to_type(url: str, hint: str) -> None:
@@ -73,3 +82,48 @@ def test_journal_storage(tmp_path: Path) -> None:
 def test_unreachable_database_is_one_clear_error() -> None:
     with pytest.raises(StorageError, match="cannot open storage postgresql://u:\\*\\*\\*@"):
         get_storage("postgresql://u:pw@127.0.0.1:1/none")
+
+
+def test_grpc_address() -> None:
+    assert grpc_address("grpc://proxyhost:13000") == ("proxyhost", 13000)
+    assert grpc_address("grpc://[::1]:13001") == ("::1", 13001)
+
+
+def test_no_proxy_at_a_grpc_url_is_one_clear_error(monkeypatch) -> None:
+    import socket
+
+    import storage
+
+    monkeypatch.setattr(storage, "GRPC_CONNECT_TIMEOUT_S", 1.0)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(StorageError) as e:
+        get_storage(f"grpc://127.0.0.1:{port}")
+    assert str(e.value) == (
+        f"cannot open storage grpc://127.0.0.1:{port}: no storage proxy answers there; start one "
+        f"with `python -m study storage-proxy --storage URL --port {port}`"
+    )
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("journal:x.log", "cannot serve a journal file"),
+        ("grpc://127.0.0.1:13000", "must be a database, not another proxy"),
+        ("postgres://u@h/db", "write postgresql://"),
+    ],
+)
+def test_storage_proxy_refuses_what_it_cannot_serve(url: str, message: str, capsys) -> None:
+    from study.cli import main
+
+    assert main(["storage-proxy", "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_storage_proxy_warns_off_loopback() -> None:
+    from study.proxy import exposure_warning
+
+    assert exposure_warning("127.0.0.1") is None and exposure_warning("::1") is None
+    assert "no authentication or encryption" in exposure_warning("0.0.0.0")

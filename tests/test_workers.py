@@ -1,8 +1,9 @@
-"""Many workers on one study: `--workers N`, separate processes, PostgreSQL and MariaDB.
+"""Many workers on one study: `--workers N`, separate processes, PostgreSQL and MariaDB, and
+workers behind one gRPC storage proxy.
 
 Each case checks that the study ends with exactly the trials asked for, distinct trial numbers,
-one COMPLETE baseline, and no lock errors. The database servers are used when reachable; in CI
-(`CI` set) an unreachable server is a failure, not a skip.
+one COMPLETE baseline, and no lock errors or tracebacks. The database servers are used when
+reachable; in CI (`CI` set) an unreachable server is a failure, not a skip.
 """
 
 from __future__ import annotations
@@ -15,14 +16,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import require
 from optuna.trial import TrialState
+from servers import SERVERS, reachable_url
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVERS = {
-    "postgresql": "postgresql://postgres@127.0.0.1:5432/test",
-    "mariadb": "mysql+pymysql://root@127.0.0.1:3306/test",
-}
 
 
 def optimize_cmd(model: Path, data: Path, url: str, name: str, *extra: str) -> list[str]:
@@ -45,7 +42,7 @@ def check_study(url: str, name: str, n_trials: int, stderr: str) -> None:
         t.state == TrialState.COMPLETE or "already runs the baseline" in t.user_attrs["fail_reason"]
         for t in baseline
     )
-    for needle in ("database is locked", "Deadlock", "OperationalError"):
+    for needle in ("database is locked", "Deadlock", "OperationalError", "Traceback"):
         assert needle not in stderr
 
 
@@ -94,20 +91,21 @@ def test_separate_processes_on_sqlite(
 
 @pytest.fixture(params=sorted(SERVERS))
 def server_url(request: pytest.FixtureRequest) -> str:
-    import sqlalchemy
-
-    url = SERVERS[request.param]
-    try:
-        with sqlalchemy.create_engine(url).connect() as con:
-            con.execute(sqlalchemy.text("SELECT 1"))
-    except Exception as e:  # noqa: BLE001 - any connection failure means: no server here
-        require(f"{request.param} is not reachable at {url}: {str(e).splitlines()[0]}")
-    return url
+    return reachable_url(request.param)
 
 
-def test_three_workers_on_a_database_server(
+def delete_studies(url: str, name: str) -> None:
+    for study in (name, name + "-full-ft"):
+        try:
+            optuna.delete_study(study_name=study, storage=url)
+        except KeyError:
+            pass
+
+
+def test_eight_workers_on_a_database_server(
     server_url: str, tiny_model_dir: Path, tiny_data_dir: Path
 ) -> None:
+    """As Optuna's own storage tests: 8 processes at once, here each a whole `optimize`."""
     name = f"workers-{uuid.uuid4().hex[:8]}"
     cmds = [
         optimize_cmd(
@@ -116,21 +114,72 @@ def test_three_workers_on_a_database_server(
             server_url,
             name,
             "--n-trials",
-            "2",
+            "3",
             "--sampler-seed",
             str(i),
         )  # fmt: skip
-        for i in range(3)
+        for i in range(8)
     ]
     try:
         start = time.perf_counter()
         stderr = run_concurrently(cmds)
         wall = time.perf_counter() - start
-        print(f"{server_url.split(':')[0]}: 3 workers, 6 trials, {wall:.1f} s")
-        check_study(server_url, name, 6, stderr)
+        check_study(server_url, name, 24, stderr)
+        trials = optuna.load_study(study_name=name, storage=server_url).trials
+        states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+        print(f"{server_url.split(':')[0]}: 8 workers x 3 trials: {len(trials)} trials "
+              f"{ {k: v for k, v in states.items() if v} }, {wall:.1f} s")  # fmt: skip
     finally:
-        for study in (name, name + "-full-ft"):
-            try:
-                optuna.delete_study(study_name=study, storage=server_url)
-            except KeyError:
-                pass
+        delete_studies(server_url, name)
+
+
+def test_four_workers_through_a_storage_proxy(
+    tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """`storage-proxy` in front of PostgreSQL; the workers and `report` reach only the proxy."""
+    url = reachable_url("postgresql")
+    name = f"proxy-{uuid.uuid4().hex[:8]}"
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "study", "storage-proxy", "--storage", url, "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = proxy.stdout.readline()  # printed once the port is bound
+        assert first.startswith(f"storage proxy for {url} at grpc://127.0.0.1:"), (
+            first + proxy.stderr.read() if proxy.poll() is not None else first
+        )
+        grpc_url = first.split(" at ")[1].split()[0]
+        cmds = [
+            optimize_cmd(
+                tiny_model_dir,
+                tiny_data_dir,
+                grpc_url,
+                name,
+                "--n-trials",
+                "2",
+                "--sampler-seed",
+                str(i),
+            )  # fmt: skip
+            for i in range(4)
+        ]
+        stderr = run_concurrently(cmds)
+        check_study(url, name, 8, stderr)  # read back directly from PostgreSQL
+        print(f"4 workers through {grpc_url} on {url}: 8 trials")
+        report = subprocess.run(
+            [sys.executable, "-m", "study", "report", "--storage", grpc_url, "--study-name", name,
+             "--out", str(tmp_path / "report")],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert report.returncode == 0, report.stderr
+        # header, 8 LoRA trials, the baseline (and any FAIL rivals of the baseline race)
+        assert (tmp_path / "report" / "summary.csv").read_text().count("\n") >= 1 + 8 + 1
+        proxy.terminate()
+        out, err = proxy.communicate(timeout=30)
+        assert proxy.returncode == 0, err
+        assert "storage proxy stopped" in out and "Traceback" not in err
+    finally:
+        proxy.kill()
+        delete_studies(url, name)

@@ -1,0 +1,117 @@
+"""The `storage-proxy` command: Optuna's gRPC storage proxy in front of one database.
+
+Every worker holds its own pool of database connections; at tens to hundreds of workers the
+database's connection limit, not the study, is what runs out. Workers given
+``--storage grpc://HOST:PORT`` talk to this one process instead, which holds the only
+connections (through Optuna's trial cache and `storage.resilient`, so a database outage is
+waited out here, once, while the workers' calls wait).
+
+Optuna's proxy has no authentication and no encryption, so it listens on 127.0.0.1 unless
+`--host` says otherwise, and then it says loudly what that exposes (as the dashboard does).
+The server is built here rather than with `optuna.storages.run_grpc_proxy_server` so that the
+command can print the real port once it is bound (`--port 0`) and stop cleanly on Ctrl-C or
+SIGTERM (exit code 0: stopping is how a proxy ends).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+
+import optuna
+
+from storage import StorageError, get_storage, parse_url, redact
+from study.config import ConfigError
+from study.dashboard import check_port, is_loopback
+
+DEFAULT_PORT = 13000
+THREADS = 10  # Optuna's default: calls are short; more threads would only queue in the pool
+
+
+class ProxyError(ConfigError):
+    """The server cannot start as asked (port taken, bad address): a message for the user."""
+
+
+def exposure_warning(host: str) -> str | None:
+    """The warning to print when serving on `host`; None on the loopback address."""
+    if is_loopback(host):
+        return None
+    return (
+        f"warning: serving on {host}, not only 127.0.0.1: the storage proxy has no "
+        "authentication or encryption, so anyone who can reach this address and port can "
+        "read, change or delete your studies"
+    )
+
+
+def make_proxy_server(storage: optuna.storages.BaseStorage, host: str, port: int):
+    """A gRPC server for `storage` bound to `host:port` (port 0: a free one), not yet started;
+    returns (server, bound port)."""
+    import grpc
+    from optuna.storages._grpc.auto_generated import api_pb2_grpc
+    from optuna.storages._grpc.servicer import OptunaStorageProxyService
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=THREADS))
+    api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(storage), server)
+    address = f"[{host.strip('[]')}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as e:  # grpcio raises where older releases returned 0
+        raise ProxyError(f"cannot serve the storage proxy on {address}: {e}") from None
+    if not bound:
+        raise ProxyError(f"cannot serve the storage proxy on {address}: address in use?")
+    return server, bound
+
+
+def serve_proxy(storage_url: str, host: str, port: int, outage_grace_s: float) -> int:
+    """Serve `storage_url` over gRPC until Ctrl-C or SIGTERM; returns the exit code."""
+    kind = parse_url(storage_url).kind
+    if kind == "grpc":
+        raise StorageError("--storage of storage-proxy must be a database, not another proxy")
+    if kind == "journal":
+        raise StorageError(
+            "Optuna's storage proxy cannot serve a journal file; use PostgreSQL, MySQL or SQLite"
+        )
+    check_port(port)
+    if outage_grace_s <= 0:
+        raise StorageError(f"--db-outage-grace must be a positive number, got {outage_grace_s}")
+    backend = get_storage(storage_url, heartbeat=None, outage_grace_s=outage_grace_s)
+    # Optuna's trial cache, as run_grpc_proxy_server's documentation asks: finished trials are
+    # answered from memory, so many workers' samplers do not each reread the whole study.
+    storage = optuna.storages.get_storage(backend)
+    server, bound = make_proxy_server(storage, host, port)
+    warning = exposure_warning(host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    server.start()
+    try:
+        shown = f"[{host.strip('[]')}]" if ":" in host else host
+        # printed once the port is bound: a script (or a test) waiting for it can connect
+        print(
+            f"storage proxy for {redact(storage_url)} at grpc://{shown}:{bound} (Ctrl-C to stop)",
+            flush=True,
+        )
+        _wait_until_stopped(server)
+    finally:
+        server.stop(grace=2).wait()
+    print("storage proxy stopped")
+    return 0
+
+
+def _wait_until_stopped(server) -> None:
+    """Block until Ctrl-C (SIGINT) or SIGTERM; a stop never shows a traceback."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if in_main else None
+    try:
+        server.wait_for_termination()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
