@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial, TrialState
-from scipy import stats
 
 from reports.records import TrialRecord, to_records
 from reports.tables import best_record
@@ -57,6 +56,8 @@ def seed_noise(val_f1_over_seeds: Sequence[float]) -> Noise:
     n = len(val_f1_over_seeds)
     if n < 2:
         return Noise(FALLBACK_MARGIN, 0)
+    from scipy import stats  # 1-2 s to import: not in every worker's start-up, only here
+
     s = statistics.stdev(val_f1_over_seeds)
     return Noise(float(stats.t.ppf(0.975, n - 1) * s * math.sqrt(2)), n)
 

@@ -26,6 +26,7 @@ from objectives.config import TrainConfig
 from objectives.objective import TRIAL_FAILURES, RunContext, baseline_config, run_trial
 from storage import get_storage
 from study.config import CONFIRM_SUFFIX, ConfigError, StudyConfig
+from study.quota import optimize_quota
 from study.runner import (
     Prepared,
     check_identity,
@@ -187,5 +188,5 @@ def run_confirm(
     )
     objective = ConfirmObjective(prep.ctx, cfg.mixed_precision)
     if waiting:
-        study.optimize(objective, n_trials=waiting, catch=TRIAL_FAILURES)
+        optimize_quota(study, objective, n_trials=waiting, catch=TRIAL_FAILURES)
     return study, jobs

@@ -252,7 +252,7 @@ def ensure_baseline(
         baseline_config(cfg.epochs, cfg.seed, cfg.mixed_precision),
         keeping_weights(prep, cfg, always=True),  # the baseline keeps its weights whatever --keep
     )
-    study.optimize(objective, n_trials=len(waiting), catch=TRIAL_FAILURES)
+    optimize_quota(study, objective, n_trials=len(waiting), catch=TRIAL_FAILURES)
     return study
 
 
