@@ -32,6 +32,11 @@ from storage import StorageUnavailable
 from storage.resilient import ResilientRDBStorage, classify
 from study.quota import optimize_quota
 
+# With pytest-xdist every test on the shared database servers runs in one worker, one at a
+# time: test_outage restarts those servers.
+pytestmark = pytest.mark.xdist_group("databases")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 PORTS = {"postgresql": 5432, "mariadb": 3306}
 

@@ -22,6 +22,11 @@ from servers import reachable_url
 
 from study.cli import main
 
+# With pytest-xdist every test on the shared database servers runs in one worker, one at a
+# time: test_outage restarts those servers.
+pytestmark = pytest.mark.xdist_group("databases")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -8,6 +8,7 @@ reachable; in CI (`CI` set) an unreachable server is a failure, not a skip.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +19,13 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 from servers import SERVERS, reachable_url
+
+from objectives.occupancy import DIR_ENV
+
+# With pytest-xdist every test on the shared database servers runs in one worker, one at a
+# time: test_outage restarts those servers.
+pytestmark = pytest.mark.xdist_group("databases")
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,9 +69,15 @@ def test_workers_flag_shares_the_trials(
     tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path
 ) -> None:
     url = f"sqlite:///{tmp_path}/o.db"
+    # Another live run registered on the CPU (this test process) must be seen by every trial,
+    # in every worker process: `concurrent_trials` crosses processes without timing luck.
+    occupancy = tmp_path / "occupancy"
+    (occupancy / "cpu").mkdir(parents=True)
+    (occupancy / "cpu" / f"{os.getpid()}-test").touch()
     out = subprocess.run(
         optimize_cmd(tiny_model_dir, tiny_data_dir, url, "w", "--workers", "2", "--n-trials", "5"),
         cwd=ROOT,
+        env={**os.environ, DIR_ENV: str(occupancy)},
         capture_output=True,
         text=True,
         timeout=900,
@@ -74,6 +88,9 @@ def test_workers_flag_shares_the_trials(
     trials = optuna.load_study(study_name="w", storage=url).trials
     params = [tuple(sorted(t.params.items())) for t in trials]
     assert len(set(params)) == len(params)
+    for t in trials + optuna.load_study(study_name="w-full-ft", storage=url).trials:
+        assert t.user_attrs["concurrent_trials"] >= 1 and t.user_attrs["torch_threads"] >= 1
+    assert [p.name for p in (occupancy / "cpu").iterdir()] == [f"{os.getpid()}-test"]
 
 
 def test_separate_processes_on_sqlite(
