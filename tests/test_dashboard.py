@@ -25,6 +25,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from helpers import default_sigint
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 from optuna_dashboard import get_note
@@ -248,6 +249,7 @@ def dashboard(url: str, port: int, *extra: str) -> Iterator[Server]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,  # the tests stop it with Ctrl-C
     )
     lines: queue.Queue[str] = queue.Queue()
     server = Server(proc, "")

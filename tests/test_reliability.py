@@ -18,7 +18,7 @@ import optuna
 import pytest
 import torch
 from conftest import make_rows, write_intent_csv
-from helpers import tiny_context
+from helpers import default_sigint, tiny_context
 from optuna.trial import TrialState
 
 from objectives import objective as objective_module
@@ -80,6 +80,7 @@ def test_ctrl_c_during_a_trial_stops_cleanly(
     proc = subprocess.Popen(
         cli(tiny_model_dir, tiny_data_dir, f"sqlite:///{db}", "--epochs", "200", "--n-trials", "1"),
         cwd=ROOT,
+        preexec_fn=default_sigint,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
