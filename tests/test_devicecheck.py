@@ -138,8 +138,9 @@ def test_device_check_runs_its_tiny_version_on_a_cpu_and_prints_every_figure(
     for mode, batch in (("full", 32), ("lora", 64)):
         bench = doc["bench"][mode]
         assert bench["mode"] == mode and bench["batch_size"] == batch
-        for key in ("ours_s", "reference_s", "speedup", "speedup_epochs_only", "ours_setup_s"):
+        for key in ("ours_s", "reference_s", "speedup", "speedup_epochs_only"):
             assert bench[key] > 0, key
+        assert bench["ours_setup_s"] >= 0  # a timing in milliseconds here: may round to 0
         for key in ("ours_epoch_s", "reference_setup_s", "ours_peak_mem_mb", "ours_graphs"):
             assert key in bench
 
@@ -147,8 +148,10 @@ def test_device_check_runs_its_tiny_version_on_a_cpu_and_prints_every_figure(
     assert [r["workers"] for r in workers["runs"]] == [1, 2, 4]
     for r in workers["runs"]:
         assert r["trials"] == workers["n_trials"]
-        for key in ("trials_per_hour", "steady_trials_per_hour", "mean_setup_time_s"):
+        for key in ("trials_per_hour", "steady_trials_per_hour"):
             assert r[key] is not None and r[key] > 0, key
+        # a tiny model's setup on a CPU takes milliseconds: 0.0 at two decimals
+        assert r["mean_setup_time_s"] is not None and r["mean_setup_time_s"] >= 0
         assert r["devices"] == ["cpu"] and len(r["peak_mem_mb"]) == r["trials"]
 
     targets = doc["targets"]
