@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 
+import optuna
 from conftest import require
 
 SERVERS = {
@@ -30,6 +31,15 @@ def reachable_url(name: str) -> str:
     except Exception as e:  # noqa: BLE001 - any connection failure means: no server here
         require(f"{name} is not reachable at {url}: {str(e).splitlines()[0]}")
     return url
+
+
+def delete_studies(url: str, name: str) -> None:
+    """Remove a test's study and its baseline study from a shared server (absent ones too)."""
+    for study in (name, name + "-full-ft"):
+        try:
+            optuna.delete_study(study_name=study, storage=url)
+        except KeyError:
+            pass
 
 
 def _wait(check, what: str, timeout: float = 60.0) -> None:

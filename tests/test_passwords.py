@@ -18,7 +18,7 @@ import optuna
 import pytest
 import sqlalchemy
 from optuna.trial import TrialState
-from servers import reachable_url
+from servers import delete_studies, reachable_url
 
 from study.cli import main
 
@@ -71,14 +71,6 @@ def optimize_args(model: Path, data: Path, name: str) -> list[str]:
         "--study-name", name, "--device", "cpu", "--no-progress", "--epochs", "1",
         "--n-trials", "1",
     ]  # fmt: skip
-
-
-def delete_studies(url: str, name: str) -> None:
-    for study in (name, name + "-full-ft"):
-        try:
-            optuna.delete_study(study_name=study, storage=url)
-        except KeyError:
-            pass
 
 
 def test_postgresql_url_from_the_environment(tiny_model_dir: Path, tiny_data_dir: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from servers import SERVERS, reachable_url
+from servers import SERVERS, delete_studies, reachable_url
 
 from objectives.occupancy import DIR_ENV
 
@@ -109,14 +109,6 @@ def test_separate_processes_on_sqlite(
 @pytest.fixture(params=sorted(SERVERS))
 def server_url(request: pytest.FixtureRequest) -> str:
     return reachable_url(request.param)
-
-
-def delete_studies(url: str, name: str) -> None:
-    for study in (name, name + "-full-ft"):
-        try:
-            optuna.delete_study(study_name=study, storage=url)
-        except KeyError:
-            pass
 
 
 def test_eight_workers_on_a_database_server(
