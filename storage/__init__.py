@@ -238,7 +238,9 @@ def get_storage(
                 # Only new files: an existing storage is never changed before input is checked.
                 with sqlite3.connect(parsed.path, timeout=SQLITE_TIMEOUT_S) as con:
                     con.execute("PRAGMA journal_mode=WAL")
-            return _rdb(url, heartbeat, {"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
+            # No implicit transactions from the driver: each one begins IMMEDIATE (below).
+            args = {"timeout": SQLITE_TIMEOUT_S, "isolation_level": None}
+            return _locked_transactions(_rdb(url, heartbeat, {"connect_args": args}))
         # pool_pre_ping: a pooled connection that died with the server is replaced before use
         engine_kwargs: dict = {"pool_pre_ping": True}
         if url.startswith("postgresql") and "connect_timeout" not in url:
@@ -251,6 +253,23 @@ def get_storage(
     except Exception as e:  # noqa: BLE001 - SQLAlchemy/driver errors carry the reason in the text
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StorageError(f"cannot open storage {redact(url)}: {scrub(reason, url)}") from None
+
+
+def _locked_transactions(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStorage:
+    """Every SQLite transaction of `storage` takes the write lock when it begins.
+
+    Optuna reads a row "for update" before changing it (a queued trial is taken by setting it
+    from WAITING to RUNNING only if it is still WAITING). SQLite has no row locks, and the
+    driver would run that read outside any transaction, so two processes could both take the
+    same queued trial and train it twice. BEGIN IMMEDIATE makes the read and the write one
+    locked transaction (SQLAlchemy's recipe for pysqlite); WAL readers outside it still read.
+    """
+    import sqlalchemy
+
+    sqlalchemy.event.listen(
+        storage.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE")
+    )
+    return storage
 
 
 def _grpc(url: str) -> optuna.storages.BaseStorage:
