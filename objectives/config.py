@@ -51,6 +51,15 @@ LORA_DEFAULTS = TrainConfig()
 FULL_FT_DEFAULTS = replace(
     TrainConfig(), mode="full", learning_rate=1e-4, batch_size=32, weight_decay=0.05
 )
+
+
+def run_config(mode: str, epochs: int, seed: int, mixed_precision: bool) -> TrainConfig:
+    """The defaults of `mode` ("lora", or "full": the fixed baseline) with one run's budget and
+    seed: the one place a study's settings become a training configuration."""
+    base = FULL_FT_DEFAULTS if mode == "full" else LORA_DEFAULTS
+    return replace(base, epochs=epochs, seed=seed, mixed_precision=mixed_precision)
+
+
 # What the baseline trial records as its (single-valued) parameters.
 BASELINE_PARAMS = ("learning_rate", "lr_scheduler", "batch_size", "weight_decay")
 

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from objectives.errors import UserError
+
 HUB_DATASET = "PolyAI/banking77"
 # The Hub's automatic parquet export; recent `datasets` releases refuse the script-based repo.
 HUB_PARQUET_REVISION = "refs/convert/parquet"
@@ -29,7 +31,7 @@ VAL_FRACTION = 0.1
 DATA_DIR_ENV = "BANKING77_DATA_DIR"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad or unreachable data: the message is meant for the user, as is."""
 
 

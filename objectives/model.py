@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from objectives.config import LORA_TARGETS, TrainConfig
+from objectives.errors import UserError
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """The model or tokenizer cannot be loaded: the message is meant for the user."""
 
 

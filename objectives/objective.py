@@ -19,7 +19,6 @@ from torch import nn
 from objectives.config import (
     BASELINE_PARAMS,
     FIXED,
-    FULL_FT_DEFAULTS,
     LR_FACTOR_ATTR,
     ROLE_ATTR,
     TrainConfig,
@@ -217,10 +216,6 @@ class LoraObjective:
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = replace(self.base_cfg, mode="lora", **self.space.suggest(trial))
         return run_trial(trial, cfg, self.ctx, prune=True)
-
-
-def baseline_config(epochs: int, seed: int, mixed_precision: bool) -> TrainConfig:
-    return replace(FULL_FT_DEFAULTS, epochs=epochs, seed=seed, mixed_precision=mixed_precision)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from objectives.config import LORA_TARGETS, TrainConfig
+from objectives.errors import UserError
 
 SCHEDULERS = (
     "linear",
@@ -38,7 +39,7 @@ SCHEDULERS = (
 )
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError):
     """A bad search-space definition: the message is meant for the user."""
 
 

@@ -34,6 +34,7 @@ from torch import nn
 from objectives.config import TrainConfig
 from objectives.data import Encoded, EncodedData
 from objectives.embedding_rows import UsedRows
+from objectives.errors import UserError
 from objectives.fastbert import (
     BertParts,
     DropFn,
@@ -70,7 +71,7 @@ class GraphMemoryError(TrainingFailed):
         self.elapsed_s = elapsed_s  # setup and the failed step: time the user waited for nothing
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError):
     """The device asked for does not exist here: the message is meant for the user."""
 
 

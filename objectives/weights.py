@@ -27,6 +27,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
+from objectives.errors import UserError
 from objectives.model import load_pretrained
 from objectives.train import autocast_dtype, device_bf16_supported
 
@@ -38,7 +39,7 @@ FORMAT = 1  # bump when the folder layout changes; older archives are then refus
 CLASSIFICATION_CONFIG = "classification_config.json"
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """Weights that cannot be read or written as asked: the message is meant for the user."""
 
 

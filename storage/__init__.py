@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 
 import optuna
 
+from objectives.errors import UserError
+
 DEFAULT_URL = "sqlite:///artifacts/optuna.db"
 HEARTBEAT_INTERVAL_S = 10
 GRACE_PERIOD_S = 30  # a resume started a minute after a kill -9 finds the trial stale already
@@ -49,7 +51,7 @@ _FORMS = (
 )
 
 
-class StorageError(ValueError):
+class StorageError(UserError):
     """A storage URL that cannot work: the message is meant for the user."""
 
 

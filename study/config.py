@@ -15,7 +15,9 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from objectives.config import TrainConfig, run_config
 from objectives.data import DATA_DIR_ENV
+from objectives.errors import UserError
 from objectives.train import is_device_name
 from storage import (
     DEFAULT_URL,
@@ -35,7 +37,7 @@ BASELINE_SUFFIX = "-full-ft"
 CONFIRM_SUFFIX = "-confirm"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad flag or config-file value: the message is meant for the user."""
 
 
@@ -88,6 +90,10 @@ class StudyConfig:
     @property
     def resolved_data_dir(self) -> str | None:
         return self.data_dir or os.environ.get(DATA_DIR_ENV) or None
+
+    def train_config(self, mode: str = "lora") -> TrainConfig:
+        """The defaults of `mode` ("lora" or "full") with this study's epochs, seed, precision."""
+        return run_config(mode, self.epochs, self.seed, self.mixed_precision)
 
 
 _FIELDS = {f.name: f for f in fields(StudyConfig)}

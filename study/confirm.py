@@ -22,8 +22,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from objectives.config import TrainConfig
-from objectives.objective import TRIAL_FAILURES, RunContext, baseline_config, run_trial
+from objectives.config import TrainConfig, run_config
+from objectives.objective import TRIAL_FAILURES, RunContext, run_trial
 from storage import get_storage
 from study.config import CONFIRM_SUFFIX, ConfigError, StudyConfig
 from study.quota import optimize_quota
@@ -131,11 +131,8 @@ class ConfirmObjective:
     mixed_precision: bool
 
     def config(self, job: Job) -> TrainConfig:
-        if job.mode == "full":
-            cfg = baseline_config(job.epochs, job.seed, self.mixed_precision)
-            return replace(cfg, **job.params)
-        base = TrainConfig(epochs=job.epochs, seed=job.seed, mixed_precision=self.mixed_precision)
-        return replace(base, mode="lora", **job.params)
+        base = run_config(job.mode, job.epochs, job.seed, self.mixed_precision)
+        return replace(base, **job.params)
 
     def __call__(self, trial: optuna.Trial) -> float:
         job = Job.from_attrs(trial.user_attrs)

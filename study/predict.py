@@ -16,12 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from objectives.errors import UserError
 from objectives.weights import CLASSIFICATION_CONFIG, first_line, inference_dtype
 
 BATCH_SIZE = 64
 
 
-class PredictError(ValueError):
+class PredictError(UserError):
     """Bad model folder or input: the message is meant for the user."""
 
 

@@ -24,7 +24,6 @@ from objectives.config import (
     NEIGHBOUR,
     ROLE_ATTR,
     SENSITIVITY_FACTORS,
-    TrainConfig,
     is_neighbour,
 )
 from objectives.data import IntentData, encode, load_data
@@ -34,7 +33,6 @@ from objectives.objective import (
     BaselineObjective,
     LoraObjective,
     RunContext,
-    baseline_config,
 )
 from objectives.space import Space, load_space
 from objectives.train import cuda_device_count, detect_device, prepare, worker_device
@@ -184,10 +182,6 @@ def _short(value: Any) -> str:
     return repr(text if len(text) <= 80 else text[:77] + "...")
 
 
-def train_config(cfg: StudyConfig) -> TrainConfig:
-    return TrainConfig(epochs=cfg.epochs, seed=cfg.seed, mixed_precision=cfg.mixed_precision)
-
-
 def ensure_baseline(
     storage: optuna.storages.BaseStorage,
     cfg: StudyConfig,
@@ -249,7 +243,7 @@ def ensure_baseline(
         file=sys.stderr,
     )
     objective = BaselineObjective(
-        baseline_config(cfg.epochs, cfg.seed, cfg.mixed_precision),
+        cfg.train_config("full"),
         keeping_weights(prep, cfg, always=True),  # the baseline keeps its weights whatever --keep
     )
     optimize_quota(study, objective, n_trials=len(waiting), catch=TRIAL_FAILURES)
@@ -292,7 +286,7 @@ def optimize_worker(
         pruner=make_pruner(cfg.pruner, cfg.epochs),
         made_with=study_recipe(cfg, prep, with_space=True),
     )
-    objective = LoraObjective(prep.space, train_config(cfg), keeping_weights(prep, cfg))
+    objective = LoraObjective(prep.space, cfg.train_config(), keeping_weights(prep, cfg))
     optimize_quota(  # study.optimize, surviving a trial taken over after a database outage
         study,
         objective,

@@ -29,6 +29,7 @@ from torch import nn
 
 from objectives.config import TrainConfig
 from objectives.data import IntentData
+from objectives.errors import UserError
 from objectives.train import TrainResult
 from objectives.weights import (
     Restored,
@@ -54,7 +55,7 @@ STORE_FOLDER = "weights"
 DEFAULT_STORE = Path("artifacts") / STORE_FOLDER
 
 
-class WinnersError(ValueError):
+class WinnersError(UserError):
     """A trial's weights cannot be found or used as asked: the message is meant for the user."""
 
 

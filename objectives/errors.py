@@ -1,0 +1,10 @@
+"""The one base class of the errors that mean "bad input".
+
+The command line prints such an error's message as one line on stderr and exits 2; every other
+exception is a bug and keeps its traceback. Subclass `UserError` where a check finds bad input
+(flag, config file, data, model folder, storage URL, weights); nothing here imports torch.
+"""
+
+
+class UserError(ValueError):
+    """Bad input: the message is meant for the user and says what to change."""
