@@ -381,7 +381,8 @@ def run_workers_bench(
     from storage import get_storage
     from study.config import StudyConfig
     from study.config import validate as validate_study
-    from study.runner import prepare_run, run_workers
+    from study.prepare import prepare_run
+    from study.runner import run_workers
 
     device = detect_device(cfg.device)
     rows = []

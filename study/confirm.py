@@ -26,16 +26,9 @@ from objectives.config import TrainConfig, run_config
 from objectives.objective import TRIAL_FAILURES, RunContext, run_trial
 from storage import get_storage
 from study.config import CONFIRM_SUFFIX, ConfigError, StudyConfig
+from study.prepare import Prepared, prepare_run
 from study.quota import optimize_quota
-from study.runner import (
-    Prepared,
-    check_identity,
-    load_studies,
-    open_study,
-    prepare_run,
-    study_identity,
-    study_recipe,
-)
+from study.runner import check_identity, load_studies, open_study, study_identity, study_recipe
 from study.table import best_trials
 
 JOB_KEYS = ("source_study", "source_trial", "seed")

@@ -284,7 +284,8 @@ def run_study(
     from study.config import StudyConfig
     from study.config import validate as validate_study
     from study.notes import dashboard_missing
-    from study.runner import ensure_baseline, optimize_worker, prepare_run
+    from study.prepare import prepare_run
+    from study.runner import ensure_baseline, optimize_worker
 
     db = out / "device-check.db"
     for stale in out.glob("device-check.db*"):

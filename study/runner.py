@@ -11,7 +11,7 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import optuna
@@ -26,20 +26,17 @@ from objectives.config import (
     SENSITIVITY_FACTORS,
     is_neighbour,
 )
-from objectives.data import IntentData, encode, load_data
-from objectives.model import load_pretrained, model_fingerprint
 from objectives.objective import (
     TRIAL_FAILURES,
     BaselineObjective,
     LoraObjective,
-    RunContext,
 )
-from objectives.space import Space, load_space
-from objectives.train import cuda_device_count, detect_device, prepare, worker_device
-from storage import EXIT_UNAVAILABLE, get_storage, parse_url, unavailable_in
+from objectives.train import cuda_device_count, detect_device, worker_device
+from storage import EXIT_UNAVAILABLE, get_storage, unavailable_in
 from study import recipe
 from study.config import BASELINE_SUFFIX, ConfigError, StudyConfig
 from study.notes import DashboardNotes, dashboard_missing
+from study.prepare import Prepared, prepare_run
 from study.quota import optimize_quota
 from study.winners import artifact_dir, keeping_weights
 
@@ -53,35 +50,6 @@ class WorkerError(RuntimeError):
 
 class MixingError(ConfigError):
     """The study exists but was made with another model, data, space or direction."""
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """Everything a process builds once and every trial shares."""
-
-    ctx: RunContext
-    space: Space
-    data: IntentData
-    model_fingerprint: str | None = None  # of the model's files, for the study's recipe
-
-
-def prepare_run(cfg: StudyConfig, need_space: bool = True) -> Prepared:
-    """Validate and build, touching no storage: space, URL, data, device, model, tensors."""
-    space = load_space(cfg.space) if need_space else load_space(None)
-    parse_url(cfg.storage)
-    data = load_data(cfg.resolved_data_dir, cfg.max_train_samples)
-    device = detect_device(cfg.device)
-    base_model, tokenizer = load_pretrained(cfg.model, data.label_names)
-    encoded = encode(data, tokenizer, cfg.max_length)
-    ctx = RunContext(
-        base_model=base_model,
-        data=prepare(encoded, data.num_labels, device),
-        model_name=cfg.model,
-        data_fingerprint=data.fingerprint,
-        label_names=tuple(data.label_names),
-        progress=cfg.progress,
-    )
-    return Prepared(ctx, space, data, model_fingerprint(cfg.model))
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:

@@ -48,7 +48,7 @@ from study.table import best_trials
 
 if TYPE_CHECKING:
     from objectives.objective import RunContext
-    from study.runner import Prepared
+    from study.prepare import Prepared
 
 ARTIFACT_ATTR = "artifact_id"
 STORE_FOLDER = "weights"
