@@ -7,7 +7,9 @@ keywords, mixed with shared filler words.
 from __future__ import annotations
 
 import csv
+import fcntl
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,18 @@ def require(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"required in CI: {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture
+def databases_one_at_a_time():
+    """Tests on the shared PostgreSQL and MariaDB servers run one at a time, across every pytest
+    process on this machine: some restart a server, which any other test on it would see as an
+    outage. An exclusive lock on one file, held from before the test's own fixtures are set up
+    until after they are torn down (their clean-up uses the servers too)."""
+    path = Path(tempfile.gettempdir()) / "banking77-study-database-tests.lock"
+    with path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -24,7 +24,7 @@ from study.cli import main
 
 # With pytest-xdist every test on the shared database servers runs in one worker, one at a
 # time: test_outage restarts those servers.
-pytestmark = pytest.mark.xdist_group("databases")
+pytestmark = pytest.mark.usefixtures("databases_one_at_a_time")
 
 
 ROOT = Path(__file__).resolve().parents[1]
