@@ -1,14 +1,25 @@
 """The configuration of one training run (a trial or the baseline), frozen and typed.
 
 Field names equal the Optuna parameter names, so a trial's params map onto a config with
-``dataclasses.replace(cfg, **trial.params)``. Defaults mirror the reference runs (DESIGN.md).
+``dataclasses.replace(cfg, **trial.params)``. Defaults mirror the reference runs (README,
+"What a run does").
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
+
+DATA_DIR_ENV = "BANKING77_DATA_DIR"  # a folder with Banking77's train.csv and test.csv
+
+
+def resolve_data_dir(given: str | None) -> str | None:
+    """Where the data comes from: `given` (--data-dir), else $BANKING77_DATA_DIR, else None,
+    which means the Hugging Face Hub."""
+    return given or os.environ.get(DATA_DIR_ENV) or None
+
 
 LORA_TARGETS = {
     # peft matches module names by suffix. The reference runs' "query,key,value,dense" hits every

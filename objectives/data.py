@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from objectives.errors import UserError
+from objectives.config import DATA_DIR_ENV
+from objectives.errors import UserError, first_line
 
 HUB_DATASET = "PolyAI/banking77"
 # The Hub's automatic parquet export; recent `datasets` releases refuse the script-based repo.
 HUB_PARQUET_REVISION = "refs/convert/parquet"
 SPLIT_SEED = 42
 VAL_FRACTION = 0.1
-DATA_DIR_ENV = "BANKING77_DATA_DIR"
 
 
 class DataError(UserError):
@@ -144,7 +144,7 @@ def load_hub(name: str = HUB_DATASET) -> tuple[tuple[list[str], list[str]], ...]
         try:
             return from_hub_dataset(datasets.load_dataset(name, revision=revision))
         except Exception as e:  # noqa: BLE001 - any Hub failure is reported below with both causes
-            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            errors.append(f"{type(e).__name__}: {first_line(e)}")
     raise DataError(
         f"cannot load {name} from the Hugging Face Hub ({'; then '.join(errors)}). "
         f"Offline, pass --data-dir DIR (a folder with the PolyAI train.csv and test.csv) "

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from objectives.errors import first_line
 from objectives.fastbert import BertParts, bert_logits, torch_dropout
 
 IGNORE_LABEL = -100  # cross_entropy's default ignore_index
@@ -168,7 +169,7 @@ def _uncapture(steps: Sequence[nn.Module]) -> None:
     through the graphed callable, to the graphs, their memory pools and static buffers): a
     reference cycle through the model that would hold all of it until the garbage collector
     happens to run. Removing the attribute breaks the cycle through the model; the graphs' own
-    autograd Function class is still a cycle, which `objectives.train.release_memory` collects.
+    autograd Function class is still a cycle, which `objectives.device.release_memory` collects.
     """
     for step in steps:
         step.__dict__.pop("forward", None)
@@ -270,7 +271,7 @@ def free_device_bytes(device: torch.device) -> int | None:
 def capture_train_step(
     model: nn.Module,
     parts: BertParts | None,
-    buckets: Sequence,  # objectives.train.Bucket: input_ids, attention_mask, labels
+    buckets: Sequence,  # objectives.batching.Bucket: input_ids, attention_mask, labels
     batch_size: int,
     dtype: torch.dtype,
     device: torch.device,
@@ -317,9 +318,9 @@ def capture_train_step(
     try:
         graphed = capture(steps, samples)
     except torch.OutOfMemoryError as e:
-        failure = f"out of memory during capture ({_first_line(e)})"
+        failure = f"out of memory during capture ({first_line(e)[:160]})"
     except (RuntimeError, AssertionError) as e:  # capture refused: train eagerly instead
-        failure = f"capture failed ({_first_line(e)})"
+        failure = f"capture failed ({first_line(e)[:160]})"
     if failure is not None:
         # Only now, with the exception and its frames gone: the half-made graphs hold memory
         # through the patched forwards until the forwards are restored and garbage collected.
@@ -332,11 +333,6 @@ def capture_train_step(
     measured = None if before is None or after is None else round((after - before) / 2**20, 1)
     step = GraphedTrainStep(static, graphed, batch_size)
     return Captured(step, f"on: {len(static)} buckets captured", estimate_mb, measured)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:160]
 
 
 def _allocated(device: torch.device) -> int | None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from objectives.config import LORA_TARGETS, TrainConfig
-from objectives.errors import UserError
+from objectives.errors import UserError, first_line
 
 
 class ModelLoadError(UserError):
@@ -49,10 +49,9 @@ def load_pretrained(name: str, label_names: list[str]) -> tuple[nn.Module, Any]:
             dtype=torch.float32,  # weights shipped in bf16 (the device carry) train in fp32
         )
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
-            f"cannot load model {name!r}: {first}. Offline, pass --model DIR with a Hugging Face "
-            "model folder (config.json, weights, tokenizer files)"
+            f"cannot load model {name!r}: {first_line(e)}. Offline, pass --model DIR with a "
+            "Hugging Face model folder (config.json, weights, tokenizer files)"
         ) from None
     return model, tokenizer
 

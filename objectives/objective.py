@@ -1,7 +1,8 @@
 """The Optuna objectives: the LoRA study's and the fixed full fine-tuning baseline's.
 
 Both follow suggest -> config -> `train(cfg, on_epoch_end=...)` -> value, and record the same
-user attributes (DESIGN.md), so the two studies sit side by side in reports and the dashboard.
+user attributes (`objectives.record`), so the two studies sit side by side in reports and the
+dashboard.
 """
 
 from __future__ import annotations
@@ -16,25 +17,24 @@ import torch
 from optuna.trial import TrialState
 from torch import nn
 
+from objectives.batching import PreparedData
 from objectives.config import (
     BASELINE_PARAMS,
     FIXED,
-    LR_FACTOR_ATTR,
-    ROLE_ATTR,
     TrainConfig,
 )
+from objectives.device import release_memory
 from objectives.model import build_model, count_params
 from objectives.occupancy import Occupancy
 from objectives.predictions import encode_labels
+from objectives.record import Attr
 from objectives.space import Space
 from objectives.train import (
     EpochResult,
     GraphMemoryError,
-    PreparedData,
     RunSetup,
     TrainingFailed,
     TrainResult,
-    release_memory,
     train,
 )
 
@@ -74,104 +74,43 @@ def run_trial(trial: optuna.Trial, cfg: TrainConfig, ctx: RunContext, prune: boo
     model = build_model(ctx.base_model, cfg)
     load = Occupancy(str(ctx.data.device))
     try:
-        counts = count_params(model)
-        vocab = model.get_input_embeddings().num_embeddings
-        for key, value in {
-            "mode": cfg.mode,
-            "trainable_params": counts.trainable,
-            "total_params": counts.total,
-            "trainable_share_pct": counts.share_pct,
-            "model": ctx.model_name,
-            "device": str(ctx.data.device),
-            "seed": cfg.seed,
-            "data_fingerprint": ctx.data_fingerprint,
-            "max_epochs": cfg.epochs,
-            "torch_threads": torch.get_num_threads(),
-        }.items():
-            trial.set_user_attr(key, value)
-        if ctx.data.max_token_id >= vocab:
-            raise TrainingFailed(
-                f"tokenizer/model mismatch: token id {ctx.data.max_token_id} but the model's "
-                f"embedding table has {vocab} rows"
-            )
-
-        best: list[EpochResult] = []
-        # Trials training on this device meanwhile, the most seen at the start and after each
-        # epoch: times are comparable only between trials that ran under the same load.
-        busy = [0]
-
-        def note_load() -> None:
-            busy[0] = max(busy[0], load.others())
-            trial.set_user_attr("concurrent_trials", busy[0])
-
-        def on_epoch_end(r: EpochResult) -> None:
-            note_load()
-            if not ctx.progress:  # a log, not bars: one plain line per epoch
-                print(
-                    f"{trial.study.study_name} trial {trial.number} epoch {r.epoch}/{cfg.epochs}:"
-                    f" val F1 {r.val_f1:.4f}, loss {r.train_loss:.4f}, {r.train_time_s:.1f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            if not best or r.val_f1 > best[0].val_f1:
-                best[:] = [r]
-            trial.report(r.val_f1, r.epoch)
-            trial.set_user_attr("epochs_run", r.epoch)
-            trial.set_user_attr("train_time_s", r.train_time_s)
-            trial.set_user_attr("best_epoch", best[0].epoch)
-            trial.set_user_attr("val_f1", best[0].val_f1)
-            trial.set_user_attr("val_accuracy", best[0].val_accuracy)
-            if prune and r.epoch < cfg.epochs and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {r.epoch} (val F1 {r.val_f1:.4f})")
-
-        lost_s = 0.0  # a failed graphed attempt's time: the user waited for it too
-
-        def on_setup(s: RunSetup) -> None:
-            trial.set_user_attr("setup_time_s", s.setup_time_s + lost_s)
-            trial.set_user_attr("cuda_graphs", s.graphs)
-
+        _record_start(trial, cfg, ctx, model)
+        reporter = _EpochReporter(trial, cfg, ctx, prune, load)
         try:
             with load:
-                note_load()
-                try:
-                    result = train(
-                        model, cfg, ctx.data, on_epoch_end, progress=ctx.progress, on_setup=on_setup
-                    )
-                except GraphMemoryError as e:
-                    # The graphs' pools and the optimizer state did not fit: once more, eagerly,
-                    # from fresh weights (the failed step may have half-updated these).
-                    lost_s, reason = e.elapsed_s, f"{e}; retried eagerly"
-                    drop_frames(e, keep_text=False)
-                    model = None
-                    release_memory(ctx.data.device)
-                    model = build_model(ctx.base_model, cfg)
-                    result = train(
-                        model,
-                        cfg,
-                        ctx.data,
-                        on_epoch_end,
-                        progress=ctx.progress,
-                        on_setup=on_setup,
-                        eager_reason=reason,
-                    )
+                reporter.note_load()
+                eager_reason = None  # set once a graphed attempt ran out of memory
+                while True:
+                    try:
+                        result = train(
+                            model,
+                            cfg,
+                            ctx.data,
+                            reporter,
+                            progress=ctx.progress,
+                            on_setup=reporter.on_setup,
+                            eager_reason=eager_reason,
+                        )
+                        break
+                    except GraphMemoryError as e:
+                        if eager_reason is not None:
+                            raise
+                        # The graphs' pools and the optimizer state did not fit: once more,
+                        # eagerly, from fresh weights (the failed step may have half-updated
+                        # these). Here, so this frame lets go of the failed model first.
+                        reporter.lost_s, eager_reason = e.elapsed_s, f"{e}; retried eagerly"
+                        drop_frames(e, keep_text=False)
+                        model = None
+                        release_memory(ctx.data.device)
+                        model = build_model(ctx.base_model, cfg)
         except torch.OutOfMemoryError as e:
             raise TrainingFailed(f"out of memory on {ctx.data.device}: {str(e)[:200]}") from e
-        for key, value in {
-            "test_f1": result.test_f1,
-            "test_accuracy": result.test_accuracy,
-            "peak_mem_mb": round(result.peak_mem_mb, 1),
-            "labels": list(ctx.label_names),
-            "test_confusion": result.test_confusion.tolist(),
-            # per example, for the paired test-set comparisons of the report
-            "test_predictions": encode_labels(result.test_predictions),
-            "test_labels": encode_labels(ctx.data.test.labels),
-        }.items():
-            trial.set_user_attr(key, value)
+        _record_result(trial, ctx, result)
         if ctx.keep_weights is not None:
             ctx.keep_weights(trial, model, cfg, result)
         return result.val_f1
     except TrainingFailed as e:
-        trial.set_user_attr("fail_reason", str(e))
+        trial.set_user_attr(Attr.FAIL_REASON, str(e))
         drop_frames(e)
         raise
     except optuna.TrialPruned as e:
@@ -180,6 +119,92 @@ def run_trial(trial: optuna.Trial, cfg: TrainConfig, ctx: RunContext, prune: boo
     finally:
         del model
         release_memory(ctx.data.device)
+
+
+def _record_start(trial: optuna.Trial, cfg: TrainConfig, ctx: RunContext, model: nn.Module) -> None:
+    """What the trial trains and where; a tokenizer the model cannot embed fails it at once."""
+    counts = count_params(model)
+    for key, value in {
+        Attr.MODE: cfg.mode,
+        Attr.TRAINABLE_PARAMS: counts.trainable,
+        Attr.TOTAL_PARAMS: counts.total,
+        Attr.TRAINABLE_SHARE_PCT: counts.share_pct,
+        Attr.MODEL: ctx.model_name,
+        Attr.DEVICE: str(ctx.data.device),
+        Attr.SEED: cfg.seed,
+        Attr.DATA_FINGERPRINT: ctx.data_fingerprint,
+        Attr.MAX_EPOCHS: cfg.epochs,
+        Attr.TORCH_THREADS: torch.get_num_threads(),
+    }.items():
+        trial.set_user_attr(key, value)
+    vocab = model.get_input_embeddings().num_embeddings
+    if ctx.data.max_token_id >= vocab:
+        raise TrainingFailed(
+            f"tokenizer/model mismatch: token id {ctx.data.max_token_id} but the model's "
+            f"embedding table has {vocab} rows"
+        )
+
+
+class _EpochReporter:
+    """`train()`'s callbacks inside a trial: record each epoch, report it, let the pruner stop it.
+
+    Holds the trial and the load, never the model: a pruned trial's exception keeps this alive.
+    """
+
+    def __init__(
+        self, trial: optuna.Trial, cfg: TrainConfig, ctx: RunContext, prune: bool, load: Occupancy
+    ) -> None:
+        self.trial, self.cfg, self.prune, self.load = trial, cfg, prune, load
+        self.progress = ctx.progress
+        self.best: EpochResult | None = None
+        # Trials training on this device meanwhile, the most seen at the start and after each
+        # epoch: times are comparable only between trials that ran under the same load.
+        self.busy = 0
+        self.lost_s = 0.0  # a failed graphed attempt's time: the user waited for it too
+
+    def note_load(self) -> None:
+        self.busy = max(self.busy, self.load.others())
+        self.trial.set_user_attr(Attr.CONCURRENT_TRIALS, self.busy)
+
+    def on_setup(self, s: RunSetup) -> None:
+        self.trial.set_user_attr(Attr.SETUP_TIME_S, s.setup_time_s + self.lost_s)
+        self.trial.set_user_attr(Attr.CUDA_GRAPHS, s.graphs)
+
+    def __call__(self, r: EpochResult) -> None:
+        trial, epochs = self.trial, self.cfg.epochs
+        self.note_load()
+        if not self.progress:  # a log, not bars: one plain line per epoch
+            print(
+                f"{trial.study.study_name} trial {trial.number} epoch {r.epoch}/{epochs}:"
+                f" val F1 {r.val_f1:.4f}, loss {r.train_loss:.4f}, {r.train_time_s:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+        if self.best is None or r.val_f1 > self.best.val_f1:
+            self.best = r
+        trial.report(r.val_f1, r.epoch)
+        trial.set_user_attr(Attr.EPOCHS_RUN, r.epoch)
+        trial.set_user_attr(Attr.TRAIN_TIME_S, r.train_time_s)
+        trial.set_user_attr(Attr.BEST_EPOCH, self.best.epoch)
+        trial.set_user_attr(Attr.VAL_F1, self.best.val_f1)
+        trial.set_user_attr(Attr.VAL_ACCURACY, self.best.val_accuracy)
+        if self.prune and r.epoch < epochs and trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {r.epoch} (val F1 {r.val_f1:.4f})")
+
+
+def _record_result(trial: optuna.Trial, ctx: RunContext, result: TrainResult) -> None:
+    """A COMPLETE trial's test measurements, at its best epoch."""
+    for key, value in {
+        Attr.TEST_F1: result.test_f1,
+        Attr.TEST_ACCURACY: result.test_accuracy,
+        Attr.PEAK_MEM_MB: round(result.peak_mem_mb, 1),
+        Attr.LABELS: list(ctx.label_names),
+        Attr.TEST_CONFUSION: result.test_confusion.tolist(),
+        # per example, for the paired test-set comparisons of the report
+        Attr.TEST_PREDICTIONS: encode_labels(result.test_predictions),
+        Attr.TEST_LABELS: encode_labels(ctx.data.test.labels),
+    }.items():
+        trial.set_user_attr(key, value)
 
 
 def drop_frames(e: BaseException, keep_text: bool = True) -> None:
@@ -231,8 +256,8 @@ class BaselineObjective:
     ctx: RunContext
 
     def __call__(self, trial: optuna.Trial) -> float:
-        role = trial.user_attrs.get(ROLE_ATTR, FIXED)
-        factor = float(trial.user_attrs.get(LR_FACTOR_ATTR, 1.0)) if role != FIXED else 1.0
+        role = trial.user_attrs.get(Attr.ROLE, FIXED)
+        factor = float(trial.user_attrs.get(Attr.LR_FACTOR, 1.0)) if role != FIXED else 1.0
         # Workers that start together may each open the same run; the lowest number runs it.
         rivals = trial.study.get_trials(
             deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)
@@ -241,11 +266,11 @@ class BaselineObjective:
             (t.number for t in rivals if t.number < trial.number and _run_of(t) == (role, factor)),
             default=None,
         )
-        trial.set_user_attr(ROLE_ATTR, role)
-        trial.set_user_attr(LR_FACTOR_ATTR, factor)
+        trial.set_user_attr(Attr.ROLE, role)
+        trial.set_user_attr(Attr.LR_FACTOR, factor)
         if first is not None:
             what = "the baseline" if role == FIXED else f"the baseline at lr x {factor:.3g}"
-            trial.set_user_attr("fail_reason", f"trial {first} already runs {what}")
+            trial.set_user_attr(Attr.FAIL_REASON, f"trial {first} already runs {what}")
             raise DuplicateRun(f"trial {first} already runs {what}")
         cfg = replace(self.cfg, learning_rate=self.cfg.learning_rate * factor)
         for name in BASELINE_PARAMS:
@@ -261,5 +286,5 @@ class BaselineObjective:
 
 def _run_of(trial: optuna.trial.FrozenTrial) -> tuple[str, float]:
     """(role, learning-rate factor) of a baseline-study trial; trials from before roles: fixed."""
-    role = trial.user_attrs.get(ROLE_ATTR, FIXED)
-    return role, float(trial.user_attrs.get(LR_FACTOR_ATTR, 1.0)) if role != FIXED else 1.0
+    role = trial.user_attrs.get(Attr.ROLE, FIXED)
+    return role, float(trial.user_attrs.get(Attr.LR_FACTOR, 1.0)) if role != FIXED else 1.0

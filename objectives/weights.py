@@ -27,9 +27,9 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from objectives.errors import UserError
+from objectives.device import autocast_dtype, device_bf16_supported
+from objectives.errors import UserError, first_line
 from objectives.model import load_pretrained
-from objectives.train import autocast_dtype, device_bf16_supported
 
 MANIFEST = "weights.json"
 FORMAT = 1  # bump when the folder layout changes; older archives are then refused clearly
@@ -82,12 +82,6 @@ class Restored:
 
 
 # ----------------------------------------------------------------------------- save and reload
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message: library errors can span a screen."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def save_weights(model: nn.Module, folder: Path, info: WeightsInfo) -> None:

@@ -12,7 +12,6 @@ splits; it does not cover the sampling noise of the test set itself.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 from scipy import stats
 
+from objectives.record import Attr, TrialRecord
 from reports.render import fmt
 
 LEVEL = 0.95
@@ -39,28 +39,28 @@ class Interval:
 
 
 def t_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
-    """Mean and the two-sided t interval of the mean."""
+    """Mean and the two-sided t interval of the mean (scipy's one-sample t test)."""
     if not values:
         raise ValueError("no values")
     n, mean = len(values), statistics.fmean(values)
     if n < 2:
         return Interval(mean, None, None, n)
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
-    return Interval(mean, mean - half, mean + half, n)
+    if statistics.stdev(values) == 0.0:  # scipy's interval is NaN without spread
+        return Interval(mean, mean, mean, n)
+    ci = stats.ttest_1samp(values, 0.0).confidence_interval(level)
+    return Interval(mean, float(ci.low), float(ci.high), n)
 
 
 def welch_interval(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> Interval:
     """Mean of a minus mean of b, with Welch's t interval (None bounds: too few values)."""
     diff = statistics.fmean(a) - statistics.fmean(b)
-    if len(a) < 2 or len(b) < 2:
-        return Interval(diff, None, None, min(len(a), len(b)))
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0.0:
-        return Interval(diff, diff, diff, min(len(a), len(b)))
-    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = stats.t.ppf(0.5 + level / 2, dof) * se
-    return Interval(diff, diff - half, diff + half, min(len(a), len(b)))
+    n = min(len(a), len(b))
+    if n < 2:
+        return Interval(diff, None, None, n)
+    if statistics.variance(a) == 0.0 and statistics.variance(b) == 0.0:
+        return Interval(diff, diff, diff, n)  # scipy's interval is NaN without spread
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
+    return Interval(diff, float(ci.low), float(ci.high), n)
 
 
 @dataclass(frozen=True)
@@ -86,10 +86,6 @@ class ConfirmedConfig:
         return f"{kind} {self.source_study}#{self.source_trial}"
 
 
-def _values(trials: Sequence[FrozenTrial], key: str) -> list[float]:
-    return [float(t.user_attrs[key]) for t in trials if t.user_attrs.get(key) is not None]
-
-
 def confirmed_configs(trials: Sequence[FrozenTrial]) -> list[ConfirmedConfig]:
     """COMPLETE runs grouped by source trial (the first run of each seed), best mean val F1
     first."""
@@ -98,28 +94,29 @@ def confirmed_configs(trials: Sequence[FrozenTrial]) -> list[ConfirmedConfig]:
         if t.state != TrialState.COMPLETE or t.value is None:
             continue
         attrs = t.user_attrs
-        if "source_study" not in attrs or "seed" not in attrs:
+        if Attr.SOURCE_STUDY not in attrs or Attr.SEED not in attrs:
             continue
-        runs = groups.setdefault((attrs["source_study"], int(attrs["source_trial"])), {})
-        runs.setdefault(int(attrs["seed"]), t)
+        runs = groups.setdefault((attrs[Attr.SOURCE_STUDY], int(attrs[Attr.SOURCE_TRIAL])), {})
+        runs.setdefault(int(attrs[Attr.SEED]), t)
     out = []
     for (study, number), by_seed in groups.items():
         runs = [by_seed[s] for s in sorted(by_seed)]
-        first = runs[0].user_attrs
-        test, time_s = _values(runs, "test_f1"), _values(runs, "train_time_s")
+        first, records = runs[0].user_attrs, [TrialRecord.from_trial(t, study) for t in runs]
+        test = [r.test_f1 for r in records if r.test_f1 is not None]
+        time_s = [r.train_time_s for r in records if r.train_time_s is not None]
         out.append(
             ConfirmedConfig(
                 source_study=study,
                 source_trial=number,
-                mode=first.get("source_mode", first.get("mode", "lora")),
-                params=dict(first.get("source_params", runs[0].params)),
+                mode=first.get(Attr.SOURCE_MODE, records[0].mode or "lora"),
+                params=dict(first.get(Attr.SOURCE_PARAMS, runs[0].params)),
                 seeds=tuple(sorted(by_seed)),
                 val_f1=t_interval([float(t.value) for t in runs]),
                 test_f1=t_interval(test) if test else None,
                 train_time_s=t_interval(time_s) if time_s else None,
-                trainable_params=first.get("trainable_params"),
-                total_params=first.get("total_params"),
-                trainable_share_pct=first.get("trainable_share_pct"),
+                trainable_params=records[0].trainable_params,
+                total_params=records[0].total_params,
+                trainable_share_pct=records[0].trainable_share_pct,
                 test_values=tuple(test),
             )
         )

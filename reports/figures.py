@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial
 
+from objectives.record import TrialRecord, to_records
 from reports.importance import ImportanceResult
 from reports.perclass import ClassF1, Confusion, row_normalised
-from reports.records import TrialRecord, to_records
 from reports.tables import (
     CostKey,
     best_record,

@@ -1,8 +1,8 @@
 """Per-class F1 and confusion matrices from the `labels` and `test_confusion` trial attributes.
 
 `test_confusion[i][j]` counts test examples of true label `i` predicted as `j` (at the trial's best
-epoch); `labels[i]` names label id `i`. Per-class F1 follows scikit-learn's `zero_division=0`
-convention, so the mean over classes equals the macro-F1 the objective logged.
+epoch); `labels[i]` names label id `i`. Per-class F1 comes from `objectives.metrics` (scikit-learn,
+`zero_division=0`), as the objective's macro-F1 does.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from optuna.trial import FrozenTrial
+
+from objectives.metrics import per_class_f1
+from objectives.record import Attr
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,7 @@ def confusion_of(trial: FrozenTrial | None) -> Confusion | None:
     """The trial's test confusion matrix, or None when absent or malformed (never raises)."""
     if trial is None:
         return None
-    raw = trial.user_attrs.get("test_confusion")
+    raw = trial.user_attrs.get(Attr.TEST_CONFUSION)
     if not isinstance(raw, list) or not raw:
         return None
     try:
@@ -34,21 +37,11 @@ def confusion_of(trial: FrozenTrial | None) -> Confusion | None:
     n = counts.shape[0]
     if counts.shape != (n, n) or not np.all(np.isfinite(counts)) or np.any(counts < 0):
         return None
-    labels = trial.user_attrs.get("labels")
+    labels = trial.user_attrs.get(Attr.LABELS)
     if not isinstance(labels, list) or len(labels) != n:
         # Without names the ids still identify classes within one study.
         labels = [str(i) for i in range(n)]
     return Confusion(labels=[str(label) for label in labels], counts=counts.astype(np.int64))
-
-
-def per_class_f1(counts: np.ndarray) -> np.ndarray:
-    """F1 of each class from a confusion matrix; 0 where precision and recall are undefined."""
-    counts = np.asarray(counts, dtype=float)
-    tp = np.diag(counts)
-    predicted = counts.sum(axis=0)
-    actual = counts.sum(axis=1)
-    denominator = predicted + actual  # 2TP + FP + FN, since F1 = 2TP / (2TP + FP + FN)
-    return np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
 
 
 def row_normalised(counts: np.ndarray) -> np.ndarray:

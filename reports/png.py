@@ -13,10 +13,10 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from objectives.record import TrialRecord
 from reports.figures import COLORS, COST_TITLES, F1_TITLE
 from reports.importance import ImportanceResult
 from reports.perclass import ClassF1, Confusion, row_normalised
-from reports.records import TrialRecord
 from reports.tables import (
     CostKey,
     best_record,

@@ -19,8 +19,8 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
+from objectives.record import TrialRecord
 from reports.importance import ImportanceResult
-from reports.records import TrialRecord
 from reports.tables import Findings
 
 F1_COLUMNS = {"val_f1", "test_f1", "val_accuracy", "test_accuracy", "val_f1_mean", "test_f1_mean"}

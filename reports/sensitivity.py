@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial, TrialState
 
-from reports.records import TrialRecord, to_records
+from objectives.record import Attr, TrialRecord, to_records
 from reports.tables import best_record
 
 FALLBACK_MARGIN = 0.01  # one F1 point, when no seed repeats show the training noise
@@ -174,10 +174,10 @@ def baseline_seed_f1s(confirm_trials: Sequence[FrozenTrial]) -> list[float]:
     by_seed: dict[int, float] = {}
     for t in sorted(confirm_trials, key=lambda t: t.number):
         attrs = t.user_attrs
-        if t.state != TrialState.COMPLETE or t.value is None or "seed" not in attrs:
+        if t.state != TrialState.COMPLETE or t.value is None or Attr.SEED not in attrs:
             continue
-        if attrs.get("source_mode") == "full":
-            by_seed.setdefault(int(attrs["seed"]), float(t.value))
+        if attrs.get(Attr.SOURCE_MODE) == "full":
+            by_seed.setdefault(int(attrs[Attr.SEED]), float(t.value))
     return list(by_seed.values())
 
 

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from reports.records import TrialRecord
+from objectives.record import TrialRecord, ranked
 
 CostKey = Literal["trainable_params", "wait_time_s"]
 COST_KEYS: tuple[CostKey, ...] = ("trainable_params", "wait_time_s")
@@ -230,17 +230,10 @@ def pruning_savings(records: Sequence[TrialRecord]) -> PruningSavings | None:
 
 
 def best_record(records: Sequence[TrialRecord], *, baseline: bool) -> TrialRecord | None:
-    """Best COMPLETE trial by validation F1 (never test F1: the test split chooses nothing);
-    among equal F1 the earliest trial wins, as with Optuna's `best_trial`. For the baseline,
-    the best fixed run: its learning-rate neighbours are never the yardstick."""
-    pool = [
-        r
-        for r in records
-        if r.baseline == baseline and not r.neighbour and r.complete and r.val_f1 is not None
-    ]
-    if not pool:
-        return None
-    return max(pool, key=lambda r: (r.val_f1, -r.number))
+    """The best trial of the LoRA study or (`baseline`) of the baseline study, by
+    `objectives.record.ranked`'s rule."""
+    best = ranked(r for r in records if r.baseline == baseline)
+    return best[0] if best else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

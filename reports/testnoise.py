@@ -28,6 +28,7 @@ import numpy as np
 from scipy import stats
 
 from objectives.predictions import decode_labels
+from objectives.record import Attr
 
 LEVEL = 0.95
 ALPHA = 0.05
@@ -170,11 +171,11 @@ class Predictions:
 
 def predictions_of(user_attrs: Mapping[str, Any]) -> Predictions | None:
     """Decoded `test_predictions`/`test_labels` attributes, or None (older trial, malformed)."""
-    labels = decode_labels(user_attrs.get("test_labels"))
-    predicted = decode_labels(user_attrs.get("test_predictions"))
+    labels = decode_labels(user_attrs.get(Attr.TEST_LABELS))
+    predicted = decode_labels(user_attrs.get(Attr.TEST_PREDICTIONS))
     if labels is None or predicted is None or len(labels) != len(predicted) or not len(labels):
         return None
-    names = user_attrs.get("labels")
+    names = user_attrs.get(Attr.LABELS)
     top = int(max(labels.max(), predicted.max())) + 1
     num_labels = max(len(names), top) if isinstance(names, list) else top
     return Predictions(labels, predicted, num_labels)

@@ -8,7 +8,6 @@ set of files, with notes saying what is missing and why.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import plotly.graph_objects as go
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial
 
+from objectives.record import TrialRecord, state_counts, to_records
 from reports import figures, png
 from reports.confirm import (
     CONFIRM_COLUMNS,
@@ -27,7 +27,6 @@ from reports.confirm import (
 )
 from reports.importance import ImportanceResult, param_importances
 from reports.perclass import Confusion, compare_per_class, confusion_of, unmatched_labels
-from reports.records import TrialRecord, to_records
 from reports.render import (
     IMPORTANCE_COLUMNS,
     Part,
@@ -89,8 +88,8 @@ FRONT_TITLES: dict[CostKey, str] = {
 
 
 def _state_counts(trials: Sequence[FrozenTrial]) -> str:
-    counts = Counter(t.state.name for t in trials)
-    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "none"
+    counts = sorted((state.name, n) for state, n in state_counts(trials).items())
+    return ", ".join(f"{n} {state}" for state, n in counts) or "none"
 
 
 def _study_notes(

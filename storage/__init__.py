@@ -20,140 +20,53 @@ MySQL option file named by ``?read_default_file=~/.my.cnf`` for PyMySQL.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import optuna
 
-from objectives.errors import UserError
+from objectives.errors import first_line
+from storage.outage import EXIT_UNAVAILABLE, OUTAGE_GRACE_S, StorageUnavailable, unavailable_in
+from storage.urls import (
+    DEFAULT_URL,
+    STORAGE_ENV,
+    ParsedUrl,
+    StorageError,
+    grpc_address,
+    parse_url,
+    redact,
+    resolve_url,
+    scrub,
+)
 
-DEFAULT_URL = "sqlite:///artifacts/optuna.db"
+# The single entry: everything a caller needs is importable from `storage`.
+__all__ = [
+    "DEFAULT_URL",
+    "EXIT_UNAVAILABLE",
+    "OUTAGE_GRACE_S",
+    "STORAGE_ENV",
+    "Heartbeat",
+    "ParsedUrl",
+    "StorageError",
+    "StorageUnavailable",
+    "describe_failure",
+    "get_storage",
+    "grpc_address",
+    "parse_url",
+    "redact",
+    "resolve_url",
+    "scrub",
+    "unavailable_in",
+]
+
 HEARTBEAT_INTERVAL_S = 10
 GRACE_PERIOD_S = 30  # a resume started a minute after a kill -9 finds the trial stale already
 SQLITE_TIMEOUT_S = 60  # wait this long for another worker's write lock instead of failing
 SCHEMA_RACE_RETRIES = 5
-OUTAGE_GRACE_S = 120.0  # a database outage a worker waits out (storage.resilient)
 PG_CONNECT_TIMEOUT_S = 10  # libpq waits forever for an unreachable host; PyMySQL has 10 s
 GRPC_CONNECT_TIMEOUT_S = 10.0
-STORAGE_ENV = "STUDY_STORAGE"
-EXIT_UNAVAILABLE = 75  # sysexits' EX_TEMPFAIL: try again later (here: rerun to resume)
-
-_FORMS = (
-    "sqlite:///relative/path.db, sqlite:////absolute/path.db, "
-    "postgresql://user[:password]@host[:port]/database, "
-    "mysql+pymysql://user[:password]@host[:port]/database, journal:path/to/file.log, "
-    "grpc://host:port"
-)
-
-
-class StorageError(UserError):
-    """A storage URL that cannot work: the message is meant for the user."""
-
-
-class StorageUnavailable(RuntimeError):
-    """The database stayed unreachable longer than the outage grace: the message names it."""
-
-
-def unavailable_in(exc: BaseException) -> StorageUnavailable | None:
-    """The StorageUnavailable behind `exc`, if any: Optuna may raise another error while it
-    handles one (it reads the trial to log it), so the whole chain is searched."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, StorageUnavailable):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def resolve_url(flag: str | None, config_file: str | None = None) -> str:
-    """The storage URL: flag, else config file, else $STUDY_STORAGE, else the default.
-
-    The environment comes last but one because it is ambient (a shell profile, a job's
-    environment) while a flag or a config file is named for this one command.
-    """
-    return flag or config_file or os.environ.get(STORAGE_ENV) or DEFAULT_URL
-
-
-@dataclass(frozen=True)
-class ParsedUrl:
-    kind: str  # "sqlite", "rdb", "journal" or "grpc"
-    url: str  # what Optuna gets
-    path: Path | None  # the file, for sqlite and journal
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced by ***, for logs, errors, reports and notes."""
-    if "://" not in url or "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, _, host = rest.rpartition("@")
-    if ":" not in creds:
-        return url
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
-
-
-def parse_url(url: str) -> ParsedUrl:
-    """Check a storage URL without touching anything; say what to type when it is wrong."""
-    bad = f"storage URL {redact(url)!r} is not valid"
-    if url.startswith("journal:"):
-        path = url[len("journal:") :]
-        path = path[2:] if path.startswith("//") else path
-        if not path:
-            raise StorageError(f"{bad}: give a file, e.g. journal:artifacts/study.log")
-        return ParsedUrl("journal", url, Path(path))
-    if url.startswith("grpc:"):
-        grpc_address(url)
-        return ParsedUrl("grpc", url, None)
-    if url.startswith("sqlite:") and not url.startswith("sqlite:///"):
-        raise StorageError(f"{bad}: SQLite URLs look like sqlite:///path/to/file.db")
-    if "://" not in url:
-        raise StorageError(f"{bad}; use one of: {_FORMS}")
-    scheme, rest = url.split("://", 1)
-    dialect, _, driver = scheme.partition("+")
-    if dialect == "sqlite":
-        if driver or not rest.startswith("/") or rest == "/":
-            raise StorageError(f"{bad}: SQLite URLs look like sqlite:///path/to/file.db")
-        return ParsedUrl("sqlite", url, Path(rest[1:]))
-    if dialect in ("postgres", "pgsql"):
-        raise StorageError(f"{bad}: write postgresql://{rest.split('@')[-1]} (with 'postgresql')")
-    if dialect == "postgresql":
-        if driver not in ("", "psycopg"):
-            raise StorageError(f"{bad}: use postgresql:// (the psycopg driver is installed)")
-    elif dialect in ("mysql", "mariadb"):
-        if driver != "pymysql":
-            raise StorageError(
-                f"{bad}: use mysql+pymysql://{rest.split('@')[-1]} (PyMySQL is installed)"
-            )
-    else:
-        raise StorageError(f"{bad}: unknown scheme {scheme!r}; use one of: {_FORMS}")
-    if not rest.split("@")[-1].split("/")[0]:
-        raise StorageError(f"{bad}: no host given")
-    return ParsedUrl("rdb", url, None)
-
-
-def grpc_address(url: str) -> tuple[str, int]:
-    """(host, port) of a ``grpc://host:port`` URL; StorageError when it is not one."""
-    bad = (
-        f"storage URL {url!r} is not valid: a storage proxy is grpc://HOST:PORT, e.g. "
-        "grpc://127.0.0.1:13000 (served by `python -m study storage-proxy`)"
-    )
-    if not url.startswith("grpc://"):
-        raise StorageError(bad)
-    try:
-        parts = urlsplit(url)
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        raise StorageError(bad) from None
-    if not host or port is None or parts.path not in ("", "/") or parts.query or "@" in url:
-        raise StorageError(bad)
-    return host, port
 
 
 @dataclass(frozen=True)
@@ -253,7 +166,7 @@ def get_storage(
     except (OSError, sqlite3.Error) as e:
         raise StorageError(f"cannot open storage {redact(url)}: {e}") from None
     except Exception as e:  # noqa: BLE001 - SQLAlchemy/driver errors carry the reason in the text
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise StorageError(f"cannot open storage {redact(url)}: {scrub(reason, url)}") from None
 
 
@@ -295,13 +208,6 @@ def _grpc(url: str) -> optuna.storages.BaseStorage:
     return proxy
 
 
-def scrub(text: str, url: str) -> str:
-    """`text` with the password of `url` (if any) replaced by ***."""
-    creds = url.split("://", 1)[-1].rpartition("@")[0]
-    password = creds.split(":", 1)[1] if ":" in creds else ""
-    return text.replace(password, "***") if password else text
-
-
 def describe_failure(exc: BaseException, url: str) -> str | None:
     """A one-line message when `exc` is the storage refusing to work (disk full, read-only,
     unreachable); None for anything else, which is then a bug and keeps its traceback."""
@@ -316,7 +222,7 @@ def describe_failure(exc: BaseException, url: str) -> str | None:
         reason = f"{code.name if code else 'error'}: {details[0] if details else ''}"
         return f"storage {redact(url)} failed: {scrub(reason, url)}"
     if isinstance(exc, OperationalError | sqlite3.OperationalError):
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        reason = first_line(getattr(exc, "orig", None) or exc)
     elif isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
         reason = exc.strerror or str(exc)
     else:

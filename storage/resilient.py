@@ -63,7 +63,9 @@ from optuna.storages._rdb.storage import RDBStorage, _create_scoped_session
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from storage import OUTAGE_GRACE_S, StorageUnavailable, redact, scrub
+from objectives.errors import first_line
+from storage.outage import OUTAGE_GRACE_S, StorageUnavailable
+from storage.urls import redact, scrub
 
 FIRST_PAUSE_S = 0.5  # then doubling up to MAX_PAUSE_S: a 3 s restart costs about 4 s
 MAX_PAUSE_S = 5.0  # the longest a worker lags behind a database that is back
@@ -119,8 +121,7 @@ def _reason(exc: BaseException) -> str:
     args = deepest.args
     if len(args) == 2 and isinstance(args[0], int):  # PyMySQL: (error number, message)
         return f"{args[1]} [{args[0]}]"
-    text = str(deepest).strip()
-    return text.splitlines()[0] if text else type(deepest).__name__
+    return first_line(deepest)
 
 
 class _QuietFallback(logging.Filter):

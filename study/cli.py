@@ -8,60 +8,43 @@ interrupted, anything else is a bug and shows its traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from objectives.data import DATA_DIR_ENV, DataError
-from objectives.model import ModelLoadError
-from objectives.space import SpaceError
-from objectives.train import DeviceError
-from objectives.weights import WeightsError
+from objectives.config import DATA_DIR_ENV
+from objectives.errors import UserError
 from storage import (
     DEFAULT_URL,
     EXIT_UNAVAILABLE,
     OUTAGE_GRACE_S,
     STORAGE_ENV,
-    StorageError,
     redact,
     resolve_url,
 )
 from study import recipe
-from study.bench import add_bench_command
+from study.bench.command import add_bench_command
 from study.config import (
     BASELINE_SUFFIX,
     DEVICE_HELP,
     KEEP_POLICIES,
     PRUNERS,
     SAMPLERS,
-    ConfigError,
     StudyConfig,
+    check_confirm_counts,
     device_arg,
     given_values,
+    parse_trial_ref,
     read_config_file,
     validate,
 )
 from study.devicecheck import add_device_check_command
-from study.predict import PredictError
-from study.winners import WinnersError
+from study.quiet import quiet_libraries
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
-# Errors whose message is for the user; anything else is a bug and keeps its traceback.
-USER_ERRORS = (
-    ConfigError,
-    DataError,
-    ModelLoadError,
-    SpaceError,
-    StorageError,
-    DeviceError,
-    WeightsError,
-    WinnersError,
-    PredictError,
-)
 STORAGE_HELP = (
     f"Optuna storage URL (default ${STORAGE_ENV}, else {DEFAULT_URL}); "
     "grpc://HOST:PORT for a storage proxy"
@@ -74,9 +57,12 @@ ARTIFACT_DIR_HELP = (
 
 
 def _add_run_flags(
-    p: argparse.ArgumentParser, epochs_help: str = "epochs per trial, the pruner's budget (6)"
+    p: argparse.ArgumentParser,
+    epochs_help: str = "epochs per trial, the pruner's budget (6)",
+    keeps_weights: bool = True,
 ) -> None:
-    """Flags shared by `optimize` and `baseline`; None means 'not given' (config file wins)."""
+    """Flags shared by `optimize`, `baseline` and `confirm` (which keeps no weights);
+    None means 'not given' (config file wins)."""
     p.add_argument("--study-name", help="study name; the baseline is <name>-full-ft (banking77)")
     p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument("--model", help="Hub id or local model folder (default bert-base-uncased)")
@@ -128,7 +114,8 @@ def _add_run_flags(
         help=f"seconds a worker waits out a lost database connection before it stops "
         f"({OUTAGE_GRACE_S:.0f})",
     )
-    p.add_argument("--artifact-dir", help=ARTIFACT_DIR_HELP)
+    if keeps_weights:
+        p.add_argument("--artifact-dir", help=ARTIFACT_DIR_HELP)
     p.add_argument("--config", help="TOML file with defaults for these flags (keys = flag names)")
 
 
@@ -139,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
+    for add in (_add_optimize, _add_baseline, _add_confirm, _add_viewers, _add_storage_commands):
+        add(sub)
+    _add_winner_commands(sub)
+    add_bench_command(sub)
+    add_device_check_command(sub)
+    return parser
+
+
+def _add_optimize(sub: argparse._SubParsersAction) -> None:
+    """`optimize`: the LoRA study."""
     opt = sub.add_parser("optimize", help="run (or resume) the LoRA study; runs the baseline first")
     _add_run_flags(opt)
     opt.add_argument("--n-trials", type=int, help="new trials to run in this call (30)")
@@ -146,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, help="stop starting new trials after this many seconds"
     )
     opt.add_argument(
-        "--sampler", choices=SAMPLERS, help="Optuna sampler (tpe, seeded, multivariate)"
+        "--sampler",
+        choices=SAMPLERS,
+        help="Optuna sampler: tpe (multivariate TPE), random or gp, seeded by --sampler-seed (tpe)",
     )
     opt.add_argument(
         "--pruner", choices=PRUNERS, help="pruner on per-epoch validation F1 (hyperband)"
@@ -177,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     opt.set_defaults(run=_optimize)
 
+
+def _add_baseline(sub: argparse._SubParsersAction) -> None:
+    """`baseline`: the fixed full fine-tuning run (and its neighbours)."""
     base = sub.add_parser("baseline", help="run the fixed full fine-tuning baseline study")
     _add_run_flags(base)
     base.add_argument(
@@ -189,11 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     base.set_defaults(run=_baseline)
 
+
+def _add_confirm(sub: argparse._SubParsersAction) -> None:
+    """`confirm`: seed repeats of the best configurations."""
     con = sub.add_parser(
         "confirm",
         help="re-train the best LoRA trials and the baseline with several seeds (<name>-confirm)",
     )
-    _add_run_flags(con, epochs_help="epochs per run (default: as many as the source trial had)")
+    _add_run_flags(
+        con,
+        epochs_help="epochs per run (default: as many as the source trial had)",
+        keeps_weights=False,
+    )
     con.add_argument(
         "--top", type=int, default=3, help="how many of the best COMPLETE LoRA trials (3)"
     )
@@ -205,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     con.set_defaults(run=_confirm)
 
+
+def _add_viewers(sub: argparse._SubParsersAction) -> None:
+    """`report` and `dashboard`: look at a study."""
     rep = sub.add_parser("report", help="write importance and Pareto reports for a study")
     rep.add_argument("--study-name", help="the LoRA study (banking77)")
     rep.add_argument("--storage", help=STORAGE_HELP)
@@ -225,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--artifact-dir", help=ARTIFACT_DIR_HELP)
     dash.set_defaults(run=_dashboard)
 
+
+def _add_storage_commands(sub: argparse._SubParsersAction) -> None:
+    """`studies` and `storage-proxy`: the storage itself."""
     ls = sub.add_parser(
         "studies", help="list the studies in a storage: role, trials, best F1, model, data"
     )
@@ -255,11 +270,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prx.add_argument("--config", help=CONFIG_HELP.replace(" and study_name keys are", " key is"))
     prx.set_defaults(run=_storage_proxy)
-
-    _add_winner_commands(sub)
-    add_bench_command(sub)
-    add_device_check_command(sub)
-    return parser
 
 
 def _add_trial_flags(p: argparse.ArgumentParser) -> None:
@@ -347,10 +357,10 @@ def _settle(args: argparse.Namespace) -> None:
 
 
 def _optimize(args: argparse.Namespace) -> int:
+    cfg = _config(args)  # validated before the heavy imports: a bad flag answers at once
     from study.runner import run_optimize
     from study.table import format_table
 
-    cfg = _config(args)
     study, baseline = run_optimize(cfg)
     print(f"\nstudy {cfg.study_name!r} in {redact(cfg.storage)}: best LoRA trials and the baseline")
     print(format_table(study.get_trials(deepcopy=False), baseline.get_trials(deepcopy=False)))
@@ -359,10 +369,10 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _baseline(args: argparse.Namespace) -> int:
+    cfg = _config(args)
     from study.runner import run_baseline
     from study.table import format_table
 
-    cfg = _config(args)
     baseline = run_baseline(cfg)
     trials = baseline.get_trials(deepcopy=False)
     print(format_table([], trials))
@@ -399,11 +409,12 @@ def _print_fairness(
 
 
 def _confirm(args: argparse.Namespace) -> int:
+    check_confirm_counts(args.top, args.seeds, args.epochs)
+    # --epochs here is the runs' own budget, not the study's: it may differ from the recipe
+    cfg = _config(args, fixed=tuple(k for k in recipe.FIXED if k != "epochs"))
     from study.confirm import run_confirm
     from study.table import format_confirm_table
 
-    # --epochs here is the runs' own budget, not the study's: it may differ from the recipe
-    cfg = _config(args, fixed=tuple(k for k in recipe.FIXED if k != "epochs"))
     study, _ = run_confirm(cfg, args.top, args.seeds, epochs=args.epochs)
     where = f"{study.study_name!r} in {redact(cfg.storage)}"
     print(f"\nstudy {where}: mean ± 95% interval half-width over seeds")
@@ -416,14 +427,15 @@ def _report(args: argparse.Namespace) -> int:
 
     import optuna
 
-    from reports import write_reports
     from storage import get_storage
-    from study.confirm import confirm_name
-    from study.runner import load_studies
+    from study.studies import load_studies
 
     _settle(args)
     storage = get_storage(args.storage, create=False)
     study, baseline = load_studies(storage, args.study_name)
+    from reports.write import write_reports
+    from study.confirm import confirm_name
+
     confirm = None
     if confirm_name(args.study_name) in optuna.get_all_study_names(storage):
         confirm = optuna.load_study(study_name=confirm_name(args.study_name), storage=storage)
@@ -450,9 +462,10 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    _settle(args)
+    parse_trial_ref(args.trial)
     from study.evaluate import evaluate_trial
 
-    _settle(args)
     folder, doc = evaluate_trial(
         args.storage,
         args.artifact_dir,
@@ -478,9 +491,10 @@ def _num(value: float | None) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from study.winners import export_trial
-
     _settle(args)
+    parse_trial_ref(args.trial)
+    from study.export import export_trial
+
     name, trial, restored = export_trial(
         args.storage, args.artifact_dir, args.study_name, args.trial, args.out, args.merge
     )
@@ -506,46 +520,13 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-class _TrialFailureTracebacks(logging.Filter):
-    """Drops the traceback from Optuna's "Trial N failed" warning when the failure is one the
-    study expects (TRIAL_FAILURES: a NaN loss, out of memory, a worker that lost the race for
-    the baseline): the trial's fail_reason says why, and a traceback there reads like a crash."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from objectives.objective import TRIAL_FAILURES
-
-        if record.exc_info and isinstance(record.exc_info[1], TRIAL_FAILURES):
-            record.exc_info = None
-        return True
-
-
-def quiet_libraries() -> None:
-    """Keep the terminal for progress and results: hide library notices users cannot act on."""
-    import warnings
-
-    import optuna
-    import transformers
-
-    optimize_log = optuna.logging.get_logger("optuna.study._optimize")
-    if not any(isinstance(f, _TrialFailureTracebacks) for f in optimize_log.filters):
-        optimize_log.addFilter(_TrialFailureTracebacks())
-
-    # heartbeat, metric names and stale-trial handling are stable in practice; they are the point
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings(
-        "ignore", message=".*is_gradient_checkpointing.*"
-    )  # peft vs transformers 5
-    transformers.logging.set_verbosity_error()  # "classifier newly initialised": by design here
-    transformers.logging.disable_progress_bar()  # weight loading takes a second; no bar needed
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,17 +8,15 @@ file (`storage.resolve_url`).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from objectives.config import TrainConfig, run_config
-from objectives.data import DATA_DIR_ENV
+from objectives.config import TrainConfig, resolve_data_dir, run_config
+from objectives.device import is_device_name
 from objectives.errors import UserError
-from objectives.train import is_device_name
 from storage import (
     DEFAULT_URL,
     GRACE_PERIOD_S,
@@ -71,7 +69,9 @@ class StudyConfig:
     db_outage_grace: float = OUTAGE_GRACE_S
     keep: str = "best"  # LoRA trials keeping weights: all, best (top keep_top by val F1), none
     keep_top: int = 5  # K of keep = "best"; the baseline always keeps its weights
-    artifact_dir: str | None = None  # None: weights/ beside the SQLite/journal file (study.winners)
+    artifact_dir: str | None = (
+        None  # None: weights/ beside the SQLite/journal file (storage.artifacts)
+    )
     # Also train the baseline at lr / 3 and lr x 3: is the fixed yardstick near its own optimum?
     baseline_sensitivity: bool = False
 
@@ -89,7 +89,7 @@ class StudyConfig:
 
     @property
     def resolved_data_dir(self) -> str | None:
-        return self.data_dir or os.environ.get(DATA_DIR_ENV) or None
+        return resolve_data_dir(self.data_dir)
 
     def train_config(self, mode: str = "lora") -> TrainConfig:
         """The defaults of `mode` ("lora" or "full") with this study's epochs, seed, precision."""
@@ -105,6 +105,27 @@ def device_arg(value: str) -> str:
     if not is_device_name(value):
         raise argparse.ArgumentTypeError(f"invalid device {value!r}; use {DEVICE_HELP}")
     return value
+
+
+def check_confirm_counts(top: int, seeds: int, epochs: int | None) -> None:
+    """`confirm`'s own numbers: how many configurations, seeds per configuration, epochs."""
+    if top < 1 or seeds < 1:
+        raise ConfigError("--top and --seeds must be at least 1")
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1, got {epochs}")
+
+
+def parse_trial_ref(which: str) -> str | int:
+    """`--trial`: a trial number, `best` or `baseline`."""
+    if which in ("best", "baseline"):
+        return which
+    try:
+        number = int(which)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise ConfigError(f"--trial must be a trial number, best or baseline, not {which!r}")
+    return number
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -24,14 +24,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from objectives.config import TrainConfig, run_config
 from objectives.objective import TRIAL_FAILURES, RunContext, run_trial
+from objectives.record import Attr, TrialRecord, best_trials
 from storage import get_storage
-from study.config import CONFIRM_SUFFIX, ConfigError, StudyConfig
+from study.config import CONFIRM_SUFFIX, ConfigError, StudyConfig, check_confirm_counts
 from study.prepare import Prepared, prepare_run
 from study.quota import optimize_quota
-from study.runner import check_identity, load_studies, open_study, study_identity, study_recipe
-from study.table import best_trials
+from study.runner import check_identity, open_study, study_identity, study_recipe
+from study.studies import load_studies
 
-JOB_KEYS = ("source_study", "source_trial", "seed")
+JOB_KEYS = (Attr.SOURCE_STUDY, Attr.SOURCE_TRIAL, Attr.SEED)
 
 
 def confirm_name(study_name: str) -> str:
@@ -55,12 +56,12 @@ class Job:
 
     def user_attrs(self) -> dict[str, Any]:
         return {
-            "source_study": self.source_study,
-            "source_trial": self.source_trial,
-            "seed": self.seed,
-            "source_mode": self.mode,
-            "source_epochs": self.epochs,
-            "source_params": self.params,
+            Attr.SOURCE_STUDY: self.source_study,
+            Attr.SOURCE_TRIAL: self.source_trial,
+            Attr.SEED: self.seed,
+            Attr.SOURCE_MODE: self.mode,
+            Attr.SOURCE_EPOCHS: self.epochs,
+            Attr.SOURCE_PARAMS: self.params,
         }
 
     @classmethod
@@ -68,19 +69,20 @@ class Job:
         """The job a queued trial names, or None for a trial that names none."""
         try:
             return cls(
-                attrs["source_study"],
-                int(attrs["source_trial"]),
-                attrs["source_mode"],
-                dict(attrs["source_params"]),
-                int(attrs["source_epochs"]),
-                int(attrs["seed"]),
+                attrs[Attr.SOURCE_STUDY],
+                int(attrs[Attr.SOURCE_TRIAL]),
+                attrs[Attr.SOURCE_MODE],
+                dict(attrs[Attr.SOURCE_PARAMS]),
+                int(attrs[Attr.SOURCE_EPOCHS]),
+                int(attrs[Attr.SEED]),
             )
         except (KeyError, TypeError, ValueError):
             return None
 
 
 def _epochs(trial: FrozenTrial, fallback: int) -> int:
-    return int(trial.user_attrs.get("max_epochs", fallback))
+    epochs = TrialRecord.from_trial(trial, "").max_epochs
+    return fallback if epochs is None else epochs
 
 
 def plan_jobs(
@@ -152,10 +154,7 @@ def run_confirm(
     cfg: StudyConfig, top: int, n_seeds: int, epochs: int | None, prep: Prepared | None = None
 ) -> tuple[optuna.Study, list[Job]]:
     """The `confirm` command: queue the runs, then train every queued one."""
-    if top < 1 or n_seeds < 1:
-        raise ConfigError("--top and --seeds must be at least 1")
-    if epochs is not None and epochs < 1:
-        raise ConfigError(f"--epochs must be at least 1, got {epochs}")
+    check_confirm_counts(top, n_seeds, epochs)
     storage = get_storage(cfg.storage, cfg.heartbeat, create=False)
     lora, baseline = load_studies(storage, cfg.study_name)
     if baseline is None:

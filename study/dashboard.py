@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import threading
-from pathlib import Path
+from collections.abc import Callable
 from socketserver import ThreadingMixIn
 from types import FrameType
 from typing import Any
@@ -112,20 +112,15 @@ def serve(
     artifact_dir: str | None = None,
 ) -> int:
     """Serve optuna-dashboard for `storage_url` until Ctrl-C or SIGTERM; returns the exit code."""
+    from storage.artifacts import artifact_dir as store_folder
+    from storage.artifacts import open_store
     from study.studies import all_studies
-    from study.winners import default_artifact_dir, open_store
 
     check_port(port)
     storage = get_storage(storage_url, heartbeat=None, create=False)
-    recorded = {
-        s.user_attrs["artifact_dir"]
-        for s in all_studies(storage)
-        if isinstance(s.user_attrs.get("artifact_dir"), str)
-    }
     # The store the studies were made with, when they agree on one; else the default.
-    if artifact_dir is None and len(recorded) == 1:
-        artifact_dir = recorded.pop()
-    folder = Path(artifact_dir) if artifact_dir else default_artifact_dir(storage_url)
+    recorded = [s.user_attrs.get("artifact_dir") for s in all_studies(storage)]
+    folder = store_folder(artifact_dir, storage_url, recorded)
     server = make_dashboard_server(storage, host, port, open_store(folder))
     try:
         warning = exposure_warning(host)
@@ -135,15 +130,16 @@ def serve(
         # Printed once the port is bound: whoever waits for this line (a script, a test) can
         # connect at once. flush: stdout is a pipe there, not a terminal.
         print(f"optuna-dashboard for {redact(storage_url)} at {url} (Ctrl-C to stop)", flush=True)
-        _serve_until_stopped(server)
+        until_stopped(server.serve_forever)
     finally:
         server.server_close()
     print("dashboard stopped")
     return 0
 
 
-def _serve_until_stopped(server: WSGIServer) -> None:
-    """Serve in this thread; Ctrl-C (SIGINT) or SIGTERM ends it without a traceback."""
+def until_stopped(block: Callable[[], None]) -> None:
+    """Run `block` (a server's serving loop) in this thread; Ctrl-C (SIGINT) or SIGTERM ends it
+    without a traceback."""
 
     def stop(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt  # leaves serve_forever's select loop at once
@@ -153,7 +149,7 @@ def _serve_until_stopped(server: WSGIServer) -> None:
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop) if in_main else None
     try:
-        server.serve_forever()
+        block()
     except KeyboardInterrupt:
         pass
     finally:

@@ -42,12 +42,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from objectives.data import DATA_DIR_ENV
+from objectives.config import DATA_DIR_ENV, resolve_data_dir
+from objectives.record import Attr
 from study.config import DEVICE_HELP, ConfigError, device_arg
+
+if TYPE_CHECKING:
+    import torch
 
 JSON_NAME = "device-check.json"
 STUDY_NAME = "device-check"
@@ -122,7 +124,7 @@ def find_minilm(given: str | None) -> Path:
 
 def find_data(given: str | None) -> Path:
     """The Banking77 folder: `--data-dir`, else $BANKING77_DATA_DIR (no Hub: no network)."""
-    folder = given or os.environ.get(DATA_DIR_ENV)
+    folder = resolve_data_dir(given)
     if not folder:
         raise ConfigError(
             f"pass --data-dir DIR (Banking77 train.csv/test.csv) or set {DATA_DIR_ENV}"
@@ -136,6 +138,7 @@ def find_data(given: str | None) -> Path:
 def write_random_bert(tokenizer_dir: Path, out: Path, tiny: bool) -> Path:
     """A randomly initialised BERT with MiniLM's tokenizer (the uncased BERT vocabulary):
     `BertConfig()`, the bert-base-uncased architecture, or a 2-layer one of width 32."""
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -180,6 +183,8 @@ def write_tiny_data(data_dir: Path, out: Path, per_intent: tuple[int, int]) -> P
 def device_memory(device: torch.device) -> dict[str, float]:
     """Memory on the device now, in MiB: allocated (and reserved by the caching allocator) on
     CUDA, allocated (and the driver's total) on MPS, the process's resident set on CPUs."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return {
@@ -192,7 +197,7 @@ def device_memory(device: torch.device) -> dict[str, float]:
             "allocated_mb": torch.mps.current_allocated_memory() / 2**20,
             "reserved_mb": torch.mps.driver_allocated_memory() / 2**20,
         }
-    from study.bench import rss_mb
+    from study.bench.memory import rss_mb
 
     return {"allocated_mb": rss_mb(), "reserved_mb": rss_mb()}
 
@@ -247,10 +252,11 @@ def _rounded(values: dict[str, float]) -> dict[str, float]:
 def environment(device: torch.device, plan: Plan) -> dict[str, Any]:
     import optuna
     import peft
+    import torch
     import transformers
 
-    from objectives.train import autocast_dtype, cuda_device_count, device_bf16_supported
-    from study.bench import hardware
+    from objectives.device import autocast_dtype, cuda_device_count, device_bf16_supported
+    from study.bench.hardware import hardware
 
     dtype = autocast_dtype(device.type, True, device_bf16_supported(device))
     env: dict[str, Any] = {
@@ -316,7 +322,7 @@ def run_study(
     )
     wall = time.perf_counter() - t0
     trials = [*baseline.get_trials(deepcopy=False), *study.get_trials(deepcopy=False)]
-    graphs = [str(t.user_attrs.get("cuda_graphs", "not recorded")) for t in trials]
+    graphs = [str(t.user_attrs.get(Attr.CUDA_GRAPHS, "not recorded")) for t in trials]
     off = sorted({g for g in graphs if not g.startswith("on")})
     return {
         "storage": cfg.storage,
@@ -376,7 +382,7 @@ def _states(trials) -> dict[str, int]:
 def write_report(study, baseline, folder: Path, storage_url: str) -> dict[str, Any]:
     """The report's tables (summary, Pareto fronts, findings); the full report with figures
     where plotly and matplotlib are installed, else how to draw them later."""
-    from reports.records import to_records
+    from objectives.record import to_records
     from reports.tables import (
         compute_findings,
         param_names,
@@ -418,7 +424,7 @@ def write_report(study, baseline, folder: Path, storage_url: str) -> dict[str, A
         "figures": f"not drawn here (plotly/matplotlib missing): {later}",
     }
     if all(_importable(m) for m in ("plotly", "matplotlib")):
-        from reports import write_reports
+        from reports.write import write_reports
 
         written = write_reports(study, baseline, folder)
         result["files"] = sorted({*result["files"], *(Path(p).name for p in written)})
@@ -436,8 +442,9 @@ def _importable(name: str) -> bool:
 
 
 def run_benches(model: Path, data_dir: Path, device: torch.device, plan: Plan, log) -> dict:
-    from study.bench import BenchConfig, run_bench
-    from study.bench import validate as validate_bench
+    from study.bench.config import BenchConfig
+    from study.bench.config import validate as validate_bench
+    from study.bench.loops import run_bench
 
     out = {}
     for mode in ("full", "lora"):
@@ -461,7 +468,8 @@ def run_benches(model: Path, data_dir: Path, device: torch.device, plan: Plan, l
 
 
 def run_workers(model: Path, data_dir: Path, device: torch.device, plan: Plan, log) -> dict:
-    from study.bench import BenchConfig, run_workers_bench
+    from study.bench.config import BenchConfig
+    from study.bench.workers import run_workers_bench
 
     cfg = BenchConfig(
         model=str(model),
@@ -523,7 +531,7 @@ def _at_least(value: float | None, target: float) -> bool | None:
 
 
 def run_check(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    from objectives.train import detect_device
+    from objectives.device import detect_device
 
     started = time.perf_counter()
     device = detect_device(args.device)
@@ -615,7 +623,7 @@ def log(line: str) -> None:
 
 
 def device_check_command(args: argparse.Namespace) -> int:
-    from objectives.train import cuda_device_count, detect_device
+    from objectives.device import cuda_device_count, detect_device
 
     device = detect_device(args.device)
     count = cuda_device_count()

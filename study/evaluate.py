@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from objectives.data import DATA_DIR_ENV, IntentData, encode, load_data
-from objectives.metrics import accuracy, confusion_matrix, macro_f1, per_class_f1
-from objectives.train import detect_device, predict, prepare_split
+from objectives.batching import prepare_split
+from objectives.config import resolve_data_dir
+from objectives.data import IntentData, encode, load_data
+from objectives.device import detect_device
+from objectives.evaluation import predict
+from objectives.metrics import accuracy, confusion_matrix, macro_f1, per_class
+from objectives.record import TrialRecord
 from objectives.weights import Restored, atomic_folder, inference_dtype
 from study import recipe
-from study.winners import WinnersError, heldout_fingerprint, restore_trial, trial_summary
+from study.keeper import heldout_fingerprint
+from study.restore import WinnersError, restore_trial, trial_summary
 
 SPLITS = ("val", "test")
 OUTPUTS = ("metrics.json", "per_class_f1.csv", "confusion_matrix.png")
@@ -83,7 +87,7 @@ def evaluation_data(
                 "exists; pass --data-dir with the same Banking77 CSVs"
             )
         return folder, False
-    return os.environ.get(DATA_DIR_ENV) or None, False
+    return resolve_data_dir(None), False
 
 
 def recompute(restored: Restored, data: IntentData, split: str, device: torch.device) -> Recomputed:
@@ -109,11 +113,7 @@ def recompute(restored: Restored, data: IntentData, split: str, device: torch.de
 
 def per_class_rows(result: Recomputed) -> list[dict[str, Any]]:
     """One row per intent: F1, precision, recall and support, in label-id order."""
-    cm = result.confusion
-    tp = np.diag(cm).astype(float)
-    predicted, support = cm.sum(axis=0), cm.sum(axis=1)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    scores = per_class(result.confusion)
     return [
         {
             "intent": label,
@@ -123,7 +123,12 @@ def per_class_rows(result: Recomputed) -> list[dict[str, Any]]:
             "support": int(s),
         }
         for label, f1, p, r, s in zip(
-            result.labels, per_class_f1(cm), precision, recall, support, strict=True
+            result.labels,
+            scores.f1,
+            scores.precision,
+            scores.recall,
+            scores.support,
+            strict=True,
         )
     ]
 
@@ -188,10 +193,10 @@ def evaluate_trial(
     else:
         check_data(restored, data, data.source)
     result = recompute(restored, data, split, device)
-    prefix = "val" if split == "val" else "test"
+    r = TrialRecord.from_trial(trial, name)
     stored = {
-        "macro_f1": trial.user_attrs.get(f"{prefix}_f1"),
-        "accuracy": trial.user_attrs.get(f"{prefix}_accuracy"),
+        "macro_f1": r.val_f1 if split == "val" else r.test_f1,
+        "accuracy": r.val_accuracy if split == "val" else r.test_accuracy,
     }
     doc = metrics_doc(result, trial_summary(name, trial), stored)
     doc["data"] = {

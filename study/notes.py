@@ -2,10 +2,11 @@
 
 The note (Markdown, optuna-dashboard's study note) puts the best LoRA trial beside the full-FT
 baseline in the columns of the end-of-run table, with the F1 gap and the cost ratios. The figures
-are `reports.pareto_figure` (validation F1 against trainable parameters and against training time,
-the baseline marked), stored as optuna-dashboard custom plots under fixed ids so each refresh
-replaces them. `DashboardNotes` is an Optuna callback that rewrites both after every finished
-trial: a few reads and a few dozen small writes, negligible beside a trial that trains a model.
+are `reports.figures.pareto_figure` (validation F1 against trainable parameters and against
+training time, the baseline marked), stored as optuna-dashboard custom plots under fixed ids so
+each refresh replaces them. `DashboardNotes` is an Optuna callback that rewrites both after every
+finished trial: a few reads and a few dozen small writes, negligible beside a trial that trains
+a model.
 
 The builders are pure functions of trials; only `DashboardNotes` touches storage. plotly and
 optuna-dashboard are imported where they are used: training runs where they are not installed
@@ -22,13 +23,13 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from reports.records import wait_time_s
+from objectives.record import TrialRecord, best_trials, state_counts
 from reports.sensitivity import check_trials, fairness_lines
 from reports.tables import CostKey
 from study.config import CONFIRM_SUFFIX
 
 # The note shares the end-of-run table's row format, so the terminal and the dashboard agree.
-from study.table import COLUMNS, _row, best_trials
+from study.table import COLUMNS, trial_row
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -59,18 +60,12 @@ OBJECTIVE_TEXT = (
 )
 
 
-def _number(trial: FrozenTrial, key: str) -> float | None:
-    value = trial.user_attrs.get(key)
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    return float(value) if ok else None
-
-
 def _table(rows: Sequence[tuple[str, FrozenTrial]]) -> list[str]:
     head = ("trial", *COLUMNS)
     # Numbers align right so digits line up; the three text columns stay left.
     align = ["---" if c in ("trial", "mode", "scheduler") else "---:" for c in head]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join([label, *_row(t)]) + " |" for label, t in rows]
+    lines += ["| " + " | ".join([label, *trial_row(t)]) + " |" for label, t in rows]
     return lines
 
 
@@ -84,9 +79,7 @@ STATE_WORDS = {
 
 
 def _counts(trials: Sequence[FrozenTrial]) -> str:
-    counts = dict.fromkeys(STATE_WORDS, 0)
-    for t in trials:
-        counts[t.state] += 1
+    counts = state_counts(trials)
     # Finished states always show (a 0 is news too); running and waiting only when present.
     shown = [f"{counts[s]} {w}" for s, w in STATE_WORDS.items() if counts[s] or s.is_finished()]
     return f"{len(trials)} trial{'' if len(trials) == 1 else 's'} ({', '.join(shown)})"
@@ -95,7 +88,8 @@ def _counts(trials: Sequence[FrozenTrial]) -> str:
 def comparison(best: FrozenTrial, base: FrozenTrial) -> list[str]:
     """Bullets: the F1 gap in points and what the LoRA trial costs relative to the baseline."""
     lines = []
-    f1, base_f1 = _number(best, "val_f1"), _number(base, "val_f1")
+    r, b = TrialRecord.from_trial(best, ""), TrialRecord.from_trial(base, "", baseline=True)
+    f1, base_f1 = r.val_f1, b.val_f1
     if f1 is not None and base_f1 is not None:
         gap = 100 * (f1 - base_f1)  # in F1 points, the unit papers and the reference use
         verdict = (
@@ -104,19 +98,19 @@ def comparison(best: FrozenTrial, base: FrozenTrial) -> list[str]:
             else f"{abs(gap):.2f} points {'above' if gap > 0 else 'below'} the baseline"
         )
         lines.append(f"- validation macro-F1 {f1:.4f} vs {base_f1:.4f}: {verdict}")
-    test, base_test = _number(best, "test_f1"), _number(base, "test_f1")
+    test, base_test = r.test_f1, b.test_f1
     if test is not None and base_test is not None:
         lines.append(
             f"- test macro-F1 {test:.4f} vs {base_test:.4f} (reported, not used to choose)"
         )
-    params, base_params = _number(best, "trainable_params"), _number(base, "trainable_params")
+    params, base_params = r.trainable_params, b.trainable_params
     if params is not None and base_params:
         lines.append(
             f"- trainable parameters {params:,.0f} vs {base_params:,.0f}:"
             f" {100 * params / base_params:.2f}% of the baseline's"
         )
     # the time a user waits for each: setup (device copy, graph capture, optimizer) + epochs
-    time, base_time = wait_time_s(best.user_attrs), wait_time_s(base.user_attrs)
+    time, base_time = r.wait_time_s, b.wait_time_s
     if time is not None and base_time:
         lines.append(
             f"- training time (setup included) {time:.1f} s vs {base_time:.1f} s:"
@@ -206,7 +200,7 @@ def dashboard_figures(
     baseline_name: str,
 ) -> dict[str, go.Figure]:
     """The Pareto figures by custom-plot id, sized for the dashboard's plot cards."""
-    from reports import pareto_figure
+    from reports.figures import pareto_figure
 
     figures = {}
     for cost, figure_id in FIGURE_IDS.items():

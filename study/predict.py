@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from objectives.errors import UserError
-from objectives.weights import CLASSIFICATION_CONFIG, first_line, inference_dtype
+from objectives.errors import UserError, first_line
+from objectives.weights import CLASSIFICATION_CONFIG, inference_dtype
 
 BATCH_SIZE = 64
 
@@ -129,7 +129,7 @@ def run_predict(
     mixed_precision: bool,
 ) -> list[Prediction]:
     """The `predict` command: texts from the command line and/or `--input`, classified."""
-    from objectives.train import detect_device
+    from objectives.device import detect_device
 
     texts = [t.strip() for t in texts]
     if any(not t for t in texts):

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from objectives.batching import prepare
 from objectives.data import IntentData, encode, load_data
+from objectives.device import detect_device
 from objectives.model import load_pretrained, model_fingerprint
 from objectives.objective import RunContext
 from objectives.space import Space, load_space
-from objectives.train import detect_device, prepare
 from storage import parse_url
 from study.config import StudyConfig
 

@@ -15,17 +15,14 @@ SIGTERM (exit code 0: stopping is how a proxy ends).
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from types import FrameType
 
 import optuna
 
 from storage import StorageError, get_storage, parse_url, redact
 from study.config import ConfigError
-from study.dashboard import check_port, is_loopback
+from study.dashboard import check_port, is_loopback, until_stopped
 
 DEFAULT_PORT = 13000
 THREADS = 10  # Optuna's default: calls are short; more threads would only queue in the pool
@@ -93,25 +90,8 @@ def serve_proxy(storage_url: str, host: str, port: int, outage_grace_s: float) -
             f"storage proxy for {redact(storage_url)} at grpc://{shown}:{bound} (Ctrl-C to stop)",
             flush=True,
         )
-        _wait_until_stopped(server)
+        until_stopped(server.wait_for_termination)
     finally:
         server.stop(grace=2).wait()
     print("storage proxy stopped")
     return 0
-
-
-def _wait_until_stopped(server) -> None:
-    """Block until Ctrl-C (SIGINT) or SIGTERM; a stop never shows a traceback."""
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, stop) if in_main else None
-    try:
-        server.wait_for_termination()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)

@@ -26,19 +26,21 @@ from objectives.config import (
     SENSITIVITY_FACTORS,
     is_neighbour,
 )
+from objectives.device import cuda_device_count, detect_device, worker_device
 from objectives.objective import (
     TRIAL_FAILURES,
     BaselineObjective,
     LoraObjective,
 )
-from objectives.train import cuda_device_count, detect_device, worker_device
+from objectives.record import Attr
 from storage import EXIT_UNAVAILABLE, get_storage, unavailable_in
+from storage.artifacts import artifact_dir
 from study import recipe
-from study.config import BASELINE_SUFFIX, ConfigError, StudyConfig
+from study.config import ConfigError, StudyConfig
+from study.keeper import keeping_weights
 from study.notes import DashboardNotes, dashboard_missing
 from study.prepare import Prepared, prepare_run
 from study.quota import optimize_quota
-from study.winners import artifact_dir, keeping_weights
 
 OBJECTIVE_NAME = "val_macro_f1"
 DIRECTION = "maximize"
@@ -179,7 +181,7 @@ def ensure_baseline(
     queue: list[dict[str, Any]] = []
     if not any(t.state in active for t in fixed):
         if fixed and not force:
-            reason = fixed[-1].user_attrs.get("fail_reason", "see the study")
+            reason = fixed[-1].user_attrs.get(Attr.FAIL_REASON, "see the study")
             print(
                 f"warning: the baseline failed ({reason}); run `python -m study baseline` to retry",
                 file=sys.stderr,
@@ -279,7 +281,7 @@ def share_cpu_threads(cfg: StudyConfig) -> None:
 
 
 def _spawned_worker(cfg: StudyConfig, n_trials: int, worker: int, notes: bool = True) -> None:
-    from study.cli import quiet_libraries
+    from study.quiet import quiet_libraries
 
     quiet_libraries()
     try:
@@ -353,21 +355,3 @@ def run_workers(
     if failed:
         raise WorkerError(f"{', '.join(failed)} stopped with an error (see its output above)")
     return study
-
-
-def load_studies(
-    storage: optuna.storages.BaseStorage, name: str
-) -> tuple[optuna.Study, optuna.Study | None]:
-    """The LoRA study and, when it exists, its baseline; a missing LoRA study is a user error."""
-    names = optuna.get_all_study_names(storage)
-    if name not in names:
-        raise ConfigError(
-            f"no study named {name!r} in this storage; it has: {', '.join(names) or 'no studies'}"
-        )
-    baseline_name = name + BASELINE_SUFFIX
-    baseline = (
-        optuna.load_study(study_name=baseline_name, storage=storage)
-        if baseline_name in names
-        else None
-    )
-    return optuna.load_study(study_name=name, storage=storage), baseline

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial
 
-from study.config import BASELINE_SUFFIX, CONFIRM_SUFFIX
-from study.table import _aligned, best_trials
+from objectives.record import best_trials
+from study.config import BASELINE_SUFFIX, CONFIRM_SUFFIX, ConfigError
+from study.table import _aligned
 
 COLUMNS = ("study", "role", "trials", "best val F1", "baseline val F1", "model", "data")
 WIDE = 40  # longer model or data paths keep their end, where the name is
@@ -103,3 +104,21 @@ def all_studies(storage: optuna.storages.BaseStorage) -> list[optuna.Study]:
 
 def list_studies(storage: optuna.storages.BaseStorage) -> str:
     return format_studies(study_lines(all_studies(storage)))
+
+
+def load_studies(
+    storage: optuna.storages.BaseStorage, name: str
+) -> tuple[optuna.Study, optuna.Study | None]:
+    """The LoRA study and, when it exists, its baseline; a missing LoRA study is a user error."""
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        raise ConfigError(
+            f"no study named {name!r} in this storage; it has: {', '.join(names) or 'no studies'}"
+        )
+    baseline_name = name + BASELINE_SUFFIX
+    baseline = (
+        optuna.load_study(study_name=baseline_name, storage=storage)
+        if baseline_name in names
+        else None
+    )
+    return optuna.load_study(study_name=name, storage=storage), baseline

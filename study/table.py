@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
-from objectives.config import LR_FACTOR_ATTR, is_neighbour
+from objectives.record import TrialRecord, best_trials, neighbour_trials
 
 COLUMNS = (
     "mode", "rank", "LR", "scheduler", "trainable params", "total params", "share %",
@@ -14,48 +14,35 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def _row(t: FrozenTrial) -> list[str]:
-    a, p = t.user_attrs, t.params
+def row(r: TrialRecord) -> list[str]:
+    """A trial's cells in `COLUMNS` order, "-" where unknown."""
+    p = r.params
 
-    def num(key: str, fmt: str) -> str:
-        value = a.get(key)
-        return format(value, fmt) if isinstance(value, int | float) else "-"
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
 
     return [
-        a.get("mode", "-"),
+        r.mode or "-",
         str(p.get("lora_r", "-")),
         format(p["learning_rate"], ".2e") if "learning_rate" in p else "-",
         str(p.get("lr_scheduler", "-")),
-        num("trainable_params", ","),
-        num("total_params", ","),
-        num("trainable_share_pct", ".2f"),
-        num("train_time_s", ".1f"),
-        num("val_f1", ".4f"),
-        num("test_f1", ".4f"),
+        num(r.trainable_params, ","),
+        num(r.total_params, ","),
+        num(r.trainable_share_pct, ".2f"),
+        num(r.train_time_s, ".1f"),
+        num(r.val_f1, ".4f"),
+        num(r.test_f1, ".4f"),
     ]
 
 
-def best_trials(trials: Sequence[FrozenTrial], top: int) -> list[FrozenTrial]:
-    """The `top` best COMPLETE trials by validation F1 (earliest first on ties); in a baseline
-    study its learning-rate neighbours never count: the fixed run is the yardstick."""
-    done = [
-        t
-        for t in trials
-        if t.state == TrialState.COMPLETE and t.value is not None and not is_neighbour(t.user_attrs)
-    ]
-    return sorted(done, key=lambda t: (-t.value, t.number))[:top]
-
-
-def neighbour_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """COMPLETE learning-rate neighbours of a baseline study, smallest learning rate first."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and is_neighbour(t.user_attrs)]
-    return sorted(done, key=lambda t: (float(t.user_attrs.get(LR_FACTOR_ATTR, 1.0)), t.number))
+def trial_row(t: FrozenTrial) -> list[str]:
+    return row(TrialRecord.from_trial(t, ""))
 
 
 def format_table(lora: Sequence[FrozenTrial], baseline: Sequence[FrozenTrial], top: int = 5) -> str:
     """Plain-text table: the `top` best COMPLETE LoRA trials, then the baseline run(s)."""
-    rows = [_row(t) for t in best_trials(lora, top)] + [_row(t) for t in best_trials(baseline, 1)]
-    rows += [_row(t) for t in neighbour_trials(baseline)]
+    shown = [*best_trials(lora, top), *best_trials(baseline, 1), *neighbour_trials(baseline)]
+    rows = [trial_row(t) for t in shown]
     if not rows:
         return "no COMPLETE trial yet"
     return _aligned(COLUMNS, rows)

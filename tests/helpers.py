@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
+from objectives.batching import prepare
 from objectives.data import encode, load_data
 from objectives.model import load_pretrained
 from objectives.objective import RunContext
-from objectives.train import prepare
 
 
 def tiny_context(data_dir: Path, model_dir: Path, max_length: int = 32) -> RunContext:

@@ -7,6 +7,9 @@ JSON, not how fast anything is.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,8 +20,10 @@ from helpers import tiny_context
 from objectives.config import FULL_FT_DEFAULTS, LORA_DEFAULTS
 from objectives.data import encode, load_data
 from objectives.model import build_model, load_pretrained
-from objectives.reference import train_reference, training_arguments
-from study.bench import BenchConfig, PeakMemory, alternating, validate
+from study.bench.config import BenchConfig, validate
+from study.bench.loops import alternating
+from study.bench.memory import PeakMemory, rss_mb
+from study.bench.reference import train_reference, training_arguments
 from study.cli import main
 from study.config import ConfigError
 
@@ -84,12 +89,42 @@ def test_bad_flag_exits_2_with_one_line(capsys) -> None:
     assert err.startswith("error: --repeats") and "\n" not in err
 
 
-def test_peak_memory_on_cpu_is_the_rss_high_water_mark() -> None:
+LINUX_RSS = pytest.mark.skipif(
+    not Path("/proc/self/statm").is_file(), reason="the resident set now is read from /proc"
+)
+
+
+def _touch_64_mib() -> None:
+    block = torch.ones(64 * 2**20 // 4)  # written, so resident; freed (unmapped) on return
+    time.sleep(0.05)  # many sampling intervals while it is held
+    del block
+
+
+@LINUX_RSS
+def test_peak_memory_on_cpu_sees_a_block_freed_before_it_ends() -> None:
+    before = rss_mb()
     with PeakMemory(torch.device("cpu"), interval_s=0.001) as mem:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        block += 1
-        del block
-    assert mem.peak_mb > 64
+        _touch_64_mib()
+    assert mem.peak_mb - before >= 48
+
+
+@LINUX_RSS
+def test_peak_memory_on_cpu_is_the_blocks_peak_not_the_processes() -> None:
+    """Two runs in one process: the second's peak must not be the first one's."""
+    with PeakMemory(torch.device("cpu"), interval_s=0.001) as busy:
+        _touch_64_mib()
+    with PeakMemory(torch.device("cpu"), interval_s=0.001) as quiet:
+        time.sleep(0.02)
+    assert quiet.peak_mb <= busy.peak_mb - 32
+
+
+def test_the_command_line_module_imports_without_torch() -> None:
+    code = "import sys, study.bench.command; print('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
 
 
 def test_reference_arguments_are_the_reference_runs() -> None:

@@ -24,17 +24,9 @@ from optuna.trial import TrialState
 
 import objectives.objective as O
 import objectives.train as T
+from objectives.batching import full_batches
 from objectives.config import FULL_FT_DEFAULTS, LORA_DEFAULTS
-from objectives.graphs import (
-    MEMORY_HEADROOM,
-    capture_train_step,
-    estimate_graph_memory,
-    graph_memory_bytes,
-    graphs_fit,
-)
-from objectives.model import build_model
-from objectives.objective import run_trial
-from objectives.train import (
+from objectives.device import (
     DeviceError,
     PeakMemory,
     autocast_dtype,
@@ -45,7 +37,17 @@ from objectives.train import (
     resolve_device,
     worker_device,
 )
-from study.bench import one_gpu_problem
+from objectives.fastbert import bert_parts
+from objectives.graphs import (
+    MEMORY_HEADROOM,
+    capture_train_step,
+    estimate_graph_memory,
+    graph_memory_bytes,
+    graphs_fit,
+)
+from objectives.model import build_model
+from objectives.objective import run_trial
+from study.bench.loops import one_gpu_problem
 from study.cli import main
 from study.config import ConfigError, make_config
 
@@ -222,7 +224,7 @@ def _frozen(number: int, train_s: float, setup_s: float | None, f1: float, mode:
 
 def test_reports_and_the_note_compare_the_time_a_user_waits(ctx) -> None:
     """A trial that trains fast after a long capture is not cheaper than one without capture."""
-    from reports.records import to_records
+    from objectives.record import to_records
     from reports.tables import compute_findings, pareto_front
     from study.notes import comparison
 
@@ -243,7 +245,7 @@ def test_reports_and_the_note_compare_the_time_a_user_waits(ctx) -> None:
 def test_bench_times_our_loop_with_its_setup(ctx, tiny_data_dir, tiny_model_dir, monkeypatch):
     from objectives.data import encode, load_data
     from objectives.model import load_pretrained
-    from study.bench import Workload, _run
+    from study.bench.loops import Workload, _run
 
     _capture_with(monkeypatch, _slow_capture(0.3))
     data = load_data(tiny_data_dir)
@@ -339,8 +341,8 @@ def test_graph_memory_bytes_is_the_sum_over_buckets() -> None:
 
 def test_capture_falls_back_to_eager_when_the_graphs_do_not_fit(ctx) -> None:
     model = build_model(ctx.base_model, FULL_FT_DEFAULTS)
-    parts = T.bert_parts(model)
-    buckets = T.full_batches(ctx.data.train, 16).buckets
+    parts = bert_parts(model)
+    buckets = full_batches(ctx.data.train, 16).buckets
     args = (model, parts, buckets, 16, torch.float32, torch.device("cpu"))
     tight = capture_train_step(*args, capture=_slow_capture(0.0), free_bytes=2**20)
     assert tight.step is None
@@ -428,7 +430,7 @@ def test_mps_peak_is_the_highest_sample_not_the_memory_at_the_end() -> None:
 
 
 def test_bench_samples_mps_memory_while_the_block_runs() -> None:
-    from study.bench import PeakMemory as BenchPeak
+    from study.bench.memory import PeakMemory as BenchPeak
 
     values = iter([10.0, 50.0, 90.0] + [20.0] * 10_000)
     with BenchPeak(torch.device("mps"), interval_s=0.001, read=lambda: next(values)) as mem:

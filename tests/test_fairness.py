@@ -19,7 +19,7 @@ from sklearn.metrics import f1_score
 
 from objectives.occupancy import Occupancy
 from objectives.predictions import decode_labels, encode_labels
-from reports.records import TrialRecord
+from objectives.record import TrialRecord
 from reports.sensitivity import FALLBACK_MARGIN, fairness, fairness_lines, seed_noise
 from reports.tables import compute_findings, timing_notes
 from reports.testnoise import (

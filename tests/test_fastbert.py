@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from helpers import tiny_context
 
 from objectives.config import FULL_FT_DEFAULTS, LORA_DEFAULTS
+from objectives.evaluation import make_forward
 from objectives.fastbert import MaskSource, bert_logits, bert_parts, no_dropout
 from objectives.graphs import (
     IGNORE_LABEL,
@@ -28,7 +29,7 @@ from objectives.graphs import (
     static_bucket,
 )
 from objectives.model import build_model
-from objectives.train import make_forward, train
+from objectives.train import train
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from objectives.batching import prepare
 from objectives.config import FULL_FT_DEFAULTS
 from objectives.data import encode, load_data
 from objectives.model import build_model, load_pretrained
-from objectives.train import prepare, train
+from objectives.train import train
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Tests of the reports package on synthetic studies: no model is trained.
 
 Studies are built with `study.add_trial(create_trial(...))` in SQLite files under tmp_path, with
-the trial attributes the objective writes (see DESIGN.md), in every state. The maths (fronts with
+the trial attributes the objective writes (`objectives.record`),
+in every state. The maths (fronts with
 ties, savings, findings, per-class F1, importance direction) are checked on hand-made cases; the
 file writer is checked end to end and on degenerate studies (nothing COMPLETE, one trial, a
 RUNNING trial, no baseline).
@@ -24,16 +25,16 @@ from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
 from optuna.trial import FrozenTrial, TrialState, create_trial
 from sklearn.metrics import f1_score
 
-import reports
+from objectives.metrics import per_class_f1
+from objectives.record import TrialRecord, as_float, as_int, to_records
+from reports.figures import pareto_figure
 from reports.importance import FANOVA, MIN_TRIALS, PED_ANOVA, param_importances
 from reports.perclass import (
     Confusion,
     compare_per_class,
     confusion_of,
-    per_class_f1,
     row_normalised,
 )
-from reports.records import TrialRecord, as_float, as_int, to_record, to_records
 from reports.tables import (
     best_first,
     best_record,
@@ -46,6 +47,7 @@ from reports.tables import (
     summary_columns,
     summary_rows,
 )
+from reports.write import write_reports
 
 SPACE = {
     "lora_r": IntDistribution(4, 64, log=True),
@@ -335,7 +337,7 @@ def test_coercion_never_raises_on_odd_attributes() -> None:
         intermediate_values={1: 0.4, 2: 0.6, 3: 0.55},
         user_attrs={"trainable_params": "abc", "train_time_s": float("inf"), "total_params": None},
     )
-    record = to_record(trial, "s")
+    record = TrialRecord.from_trial(trial, "s")
     assert record.val_f1 == 0.6  # best intermediate value of an unfinished trial
     assert record.epochs_run == 3  # from the intermediate values when the attribute is missing
     assert record.trainable_params is None and record.train_time_s is None
@@ -348,7 +350,7 @@ def test_share_is_computed_when_missing() -> None:
     trial = create_trial(
         value=0.6, params=trial.params, distributions=trial.distributions, user_attrs=attrs
     )
-    record = to_record(trial, "s")
+    record = TrialRecord.from_trial(trial, "s")
     assert record.trainable_share_pct == pytest.approx(100 * (600_000 + 36_864 * 8) / TOTAL)
 
 
@@ -578,7 +580,7 @@ def test_importance_ignores_unfinished_trials_and_fixed_params() -> None:
 
 def test_pareto_figure_marks_front_and_baseline(studies) -> None:
     study, baseline = studies
-    fig = reports.pareto_figure(study.trials, baseline.trials, x="trainable_params")
+    fig = pareto_figure(study.trials, baseline.trials, x="trainable_params")
     assert isinstance(fig, go.Figure)
     names = [trace.name for trace in fig.data]
     assert {"LoRA trials", "Pareto front", "full fine-tuning baseline"} <= set(names)
@@ -592,12 +594,12 @@ def test_pareto_figure_marks_front_and_baseline(studies) -> None:
     front = fig.data[names.index("Pareto front")]
     assert len(front.x) == len(pareto_front(records, "trainable_params"))
 
-    timed = reports.pareto_figure(study.trials, baseline.trials, x="wait_time_s")
+    timed = pareto_figure(study.trials, baseline.trials, x="wait_time_s")
     assert timed.layout.xaxis.type != "log"
-    empty = reports.pareto_figure([], [], x="wait_time_s")
+    empty = pareto_figure([], [], x="wait_time_s")
     assert "No COMPLETE trial" in empty.layout.annotations[0].text
     with pytest.raises(ValueError):
-        reports.pareto_figure([], [], x="epochs")  # type: ignore[arg-type]
+        pareto_figure([], [], x="epochs")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- write_reports end to end
@@ -624,7 +626,7 @@ ALL_FILES = {
 def test_write_reports_writes_every_file(studies, tmp_path: Path) -> None:
     study, baseline = studies
     out = tmp_path / "nested" / "report"
-    written = reports.write_reports(study, baseline, out)
+    written = write_reports(study, baseline, out)
 
     assert {p.name for p in written} == ALL_FILES
     assert all(p.parent == out and p.stat().st_size > 0 for p in written)
@@ -677,9 +679,9 @@ def test_write_reports_writes_every_file(studies, tmp_path: Path) -> None:
 def test_rerun_removes_figures_that_no_longer_apply(studies, tmp_path: Path) -> None:
     study, baseline = studies
     out = tmp_path / "report"
-    reports.write_reports(study, baseline, out)
+    write_reports(study, baseline, out)
     assert (out / "confusion_baseline.png").exists()
-    written = reports.write_reports(study, None, out)
+    written = write_reports(study, None, out)
     assert not (out / "confusion_baseline.png").exists()
     assert {p.name for p in written} == ALL_FILES - {"per_class_f1.png", "confusion_baseline.png"}
 
@@ -688,7 +690,7 @@ def test_report_without_baseline(tmp_path: Path) -> None:
     study = new_study("no-baseline")
     study.add_trials(realistic_lora_trials()[:6])
     out = tmp_path / "report"
-    reports.write_reports(study, None, out)
+    write_reports(study, None, out)
     report = (out / "REPORT.md").read_text()
     assert "No baseline study was given" in report
     assert "No COMPLETE full fine-tuning baseline run" in report
@@ -704,7 +706,7 @@ def test_report_with_no_complete_trial(tmp_path: Path) -> None:
     study.add_trial(lora_trial(8, 1e-4, [0.3, 0.4], state=TrialState.PRUNED))
     study.add_trial(lora_trial(16, 1e-3, [0.2], state=TrialState.RUNNING))
     out = tmp_path / "report"
-    written = reports.write_reports(study, baseline, out)
+    written = write_reports(study, baseline, out)
 
     assert {"summary.csv", "importance.csv", "index.html", "REPORT.md"} <= {p.name for p in written}
     assert read_csv(out / "pareto_params.csv") == []
@@ -734,7 +736,7 @@ def test_report_with_a_single_trial_and_bare_attributes(tmp_path: Path) -> None:
         )
     )
     out = tmp_path / "report"
-    written = reports.write_reports(study, None, out)
+    written = write_reports(study, None, out)
     names = {p.name for p in written}
     assert {"history.png", "summary.csv", "REPORT.md"} <= names
     assert "pareto_params.png" not in names  # no trainable_params: nothing to put on a front
@@ -748,7 +750,7 @@ def test_report_with_a_single_trial_and_bare_attributes(tmp_path: Path) -> None:
 def test_report_of_an_empty_study(tmp_path: Path) -> None:
     study = new_study("empty")
     out = tmp_path / "report"
-    written = reports.write_reports(study, None, str(out))  # a str folder is accepted too
+    written = write_reports(study, None, str(out))  # a str folder is accepted too
     assert {p.name for p in written} == {
         "summary.csv",
         "pareto_params.csv",
@@ -764,8 +766,8 @@ def test_report_of_an_empty_study(tmp_path: Path) -> None:
 def test_write_reports_reads_a_study_twice_the_same_way(studies, tmp_path: Path) -> None:
     # fANOVA is seeded and everything else is deterministic: reports are reproducible.
     study, baseline = studies
-    first = reports.write_reports(study, baseline, tmp_path / "a")
-    reports.write_reports(study, baseline, tmp_path / "b")
+    first = write_reports(study, baseline, tmp_path / "a")
+    write_reports(study, baseline, tmp_path / "b")
     for path in first:
         if path.suffix in (".csv", ".md"):
             assert path.read_text() == (tmp_path / "b" / path.name).read_text()

@@ -22,7 +22,7 @@ from matplotlib.image import imread
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-import reports
+from reports.write import write_reports
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(
@@ -110,7 +110,7 @@ def report_dir(tmp_path: Path) -> Path:
         study.add_trial(_trial(number, [0.3, 0.4], pruned=True))
     baseline.add_trial(_trial(99, [0.6, 0.8, 0.9, 0.93], full=True))
     out = tmp_path / "report"
-    reports.write_reports(study, baseline, out)
+    write_reports(study, baseline, out)
     return out
 
 

@@ -10,20 +10,12 @@ import pytest
 import torch
 from helpers import tiny_context
 
+from objectives.batching import bucket_length, epoch_batches, full_batches
 from objectives.config import FULL_FT_DEFAULTS, LORA_DEFAULTS
+from objectives.device import DeviceError, autocast_dtype, resolve_device
+from objectives.evaluation import evaluate, make_forward
 from objectives.model import build_model
-from objectives.train import (
-    DeviceError,
-    NonFiniteLossError,
-    autocast_dtype,
-    bucket_length,
-    epoch_batches,
-    evaluate,
-    full_batches,
-    make_forward,
-    resolve_device,
-    train,
-)
+from objectives.train import NonFiniteLossError, train
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,11 @@ from optuna.trial import TrialState
 
 from objectives.config import FULL_FT_DEFAULTS, LORA_DEFAULTS
 from objectives.data import load_data
+from objectives.evaluation import predict
 from objectives.metrics import macro_f1
 from objectives.model import build_model
-from objectives.train import predict, train
+from objectives.record import Attr
+from objectives.train import train
 from objectives.weights import (
     WeightsInfo,
     archive_folder,
@@ -36,16 +38,13 @@ from objectives.weights import (
     save_weights,
     unarchive,
 )
+from storage.artifacts import default_artifact_dir
 from study.cli import main
 from study.evaluate import recompute
-from study.winners import (
-    ARTIFACT_ATTR,
-    WeightKeeper,
-    default_artifact_dir,
-    heldout_fingerprint,
-    ranked_for_keeping,
-    restore_trial,
-)
+from study.keeper import WeightKeeper, heldout_fingerprint, ranked_for_keeping
+from study.restore import restore_trial
+
+ARTIFACT_ATTR = Attr.ARTIFACT_ID
 
 # Settings the tiny model learns with in a few epochs, so predictions differ between texts.
 SPACE = """
@@ -427,14 +426,14 @@ def test_export_never_leaves_a_half_written_folder(
     assert_user_error(code, err, "already exists")
     assert os.listdir(existing) == ["mine.txt"]
 
-    import study.winners
+    import study.export
     from objectives.weights import WeightsError
 
     def half_then_fail(restored, folder: Path, merge: bool) -> None:
         (folder / "adapter_model.safetensors").write_bytes(b"half")
         raise WeightsError("disk full")
 
-    monkeypatch.setattr(study.winners, "export_model", half_then_fail)
+    monkeypatch.setattr(study.export, "export_model", half_then_fail)
     code, _, err = run_cli(capsys, "export", "--storage", kept_study.url, "--trial", "0",
                            "--out", str(tmp_path / "new"))  # fmt: skip
     assert_user_error(code, err, "disk full")

@@ -10,7 +10,7 @@ Its setup (building the Trainer, which moves the model to the device, up to the 
 timed apart from the epochs, as the project's loop times its own.
 
 On a machine with several visible GPUs the Trainer wraps the model in `DataParallel` and splits
-every batch over all of them; `bench` refuses that comparison (see `study.bench.one_gpu_problem`).
+every batch over all of them; `bench` refuses that comparison (`study.bench.loops.one_gpu_problem`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 
 from objectives.config import TrainConfig
 from objectives.data import Encoded
-from objectives.train import autocast_dtype, device_bf16_supported, sync_device
+from objectives.device import autocast_dtype, device_bf16_supported, sync_device
 
 
 @dataclass(frozen=True)
