@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import optuna
 import plotly.graph_objects as go
@@ -347,6 +348,41 @@ def _test_noise(
     return Part(title, "test-noise", lines, list(NOISE_COLUMNS), rows)
 
 
+def _write_tables(
+    out: Path,
+    records: Sequence[TrialRecord],
+    fronts: dict[CostKey, list[TrialRecord]],
+    importance: ImportanceResult,
+    names: Sequence[str],
+) -> tuple[list[Path], dict[str, tuple[list[str], list[dict[str, Any]]]]]:
+    """summary.csv, the two front CSVs and importance.csv; the fronts' tables for the pages."""
+    written = [write_csv(out / "summary.csv", summary_columns(records), summary_rows(records))]
+    pareto_tables = {}
+    for cost, front in fronts.items():
+        columns = pareto_columns(names)
+        rows = pareto_rows(front, names)
+        written.append(write_csv(out / f"{FRONT_FILES[cost]}.csv", columns, rows))
+        pareto_tables[FRONT_TITLES[cost]] = (columns, rows)
+    written.append(
+        write_csv(out / "importance.csv", IMPORTANCE_COLUMNS, importance_rows(importance))
+    )
+    return written, pareto_tables
+
+
+def _write_pngs(out: Path, drawn: Sequence[tuple[Section, Figure | None]]) -> list[Path]:
+    """The static figures; a PNG an earlier report wrote that this one has not is removed."""
+    written = [
+        png.save(static, out / section.png)
+        for section, static in drawn
+        if section.png and static is not None
+    ]
+    produced = {p.name for p in written}
+    for name in PNG_FILES:
+        if name not in produced:
+            (out / name).unlink(missing_ok=True)
+    return written
+
+
 def write_reports(
     study: optuna.Study,
     baseline: optuna.Study | None,
@@ -378,17 +414,7 @@ def write_reports(
     )
     names = param_names(records)
 
-    written: list[Path] = []
-    written.append(write_csv(out / "summary.csv", summary_columns(records), summary_rows(records)))
-    pareto_tables = {}
-    for cost, front in fronts.items():
-        columns = pareto_columns(names)
-        rows = pareto_rows(front, names)
-        written.append(write_csv(out / f"{FRONT_FILES[cost]}.csv", columns, rows))
-        pareto_tables[FRONT_TITLES[cost]] = (columns, rows)
-    written.append(
-        write_csv(out / "importance.csv", IMPORTANCE_COLUMNS, importance_rows(importance))
-    )
+    written, pareto_tables = _write_tables(out, records, fronts, importance, names)
     confirm_trials = confirm.get_trials(deepcopy=False) if confirm is not None else []
     check = fairness(records, baseline_seed_f1s(confirm_trials))
     noise = _test_noise(findings, check, fronts, study_trials, baseline_trials)
@@ -405,19 +431,12 @@ def write_reports(
     drawn = _overview_sections(records, importance)
     drawn.extend(_per_class_sections(findings, study_trials, baseline_trials, notes))
 
-    for section, static in drawn:
-        if section.png and static is not None:
-            written.append(png.save(static, out / section.png))
-    produced = {p.name for p in written}
-    for name in PNG_FILES:
-        if name not in produced:
-            (out / name).unlink(missing_ok=True)
+    written.extend(_write_pngs(out, drawn))
 
-    ranked = best_first(records)
-    md_rows = []
-    for record in ranked:
-        row = {"role": _roles(record, findings, fronts), **summary_row(record, names)}
-        md_rows.append(row)
+    md_rows = [
+        {"role": _roles(record, findings, fronts), **summary_row(record, names)}
+        for record in best_first(records)
+    ]
     baseline_text = (
         f" and its baseline '{baseline.study_name}' ({_state_counts(baseline_trials)})"
         if baseline is not None
