@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING
 
 from objectives.config import DATA_DIR_ENV
 from objectives.errors import UserError
+from objectives.space import load_space
 from storage import (
     DEFAULT_URL,
     EXIT_UNAVAILABLE,
     OUTAGE_GRACE_S,
     STORAGE_ENV,
+    parse_url,
     redact,
     resolve_url,
 )
@@ -352,12 +354,14 @@ def _settle(args: argparse.Namespace) -> None:
     file's key > ($STUDY_STORAGE for the storage) > default. The file may be a run's config."""
     file_values = read_config_file(args.config) if args.config else {}
     args.storage = resolve_url(args.storage, file_values.get("storage"))
+    parse_url(args.storage)  # a wrong URL is answered before anything heavy is imported
     if "study_name" in vars(args) and args.study_name is None:
         args.study_name = file_values.get("study_name", StudyConfig.study_name)
 
 
 def _optimize(args: argparse.Namespace) -> int:
     cfg = _config(args)  # validated before the heavy imports: a bad flag answers at once
+    load_space(cfg.space)  # the same for a bad --space file
     from study.runner import run_optimize
     from study.table import format_table
 

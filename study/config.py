@@ -23,6 +23,7 @@ from storage import (
     HEARTBEAT_INTERVAL_S,
     OUTAGE_GRACE_S,
     Heartbeat,
+    parse_url,
     resolve_url,
 )
 
@@ -186,6 +187,7 @@ def validate(cfg: StudyConfig) -> StudyConfig:
         raise ConfigError("--study-name must not be empty")
     if cfg.study_name.endswith(BASELINE_SUFFIX):
         raise ConfigError(f"--study-name must not end with {BASELINE_SUFFIX}: that is the baseline")
+    parse_url(cfg.storage)  # says what to type when the URL is wrong
     if cfg.progress is None:
         cfg = replace(cfg, progress=sys.stderr.isatty())
     return cfg

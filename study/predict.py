@@ -3,7 +3,8 @@
 The folder is loaded the way the README tells users to load it with plain transformers (peft
 puts an adapter onto its base model), so what `predict` prints is what users' own code gets. It
 runs on the device training would pick (`--device auto`: CUDA, then MPS, then the CPU) with the
-same autocast dtype, and prints each text's top intents with their probabilities.
+same autocast dtype, and prints each text's top intents with their probabilities. The request
+(texts, --top-k, the folder) is checked before torch is imported.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from objectives.errors import UserError, first_line
-from objectives.weights import CLASSIFICATION_CONFIG, inference_dtype
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 BATCH_SIZE = 64
 
@@ -34,11 +35,12 @@ class Prediction:
 
 def load_exported(folder: Path) -> tuple[nn.Module, Any]:
     """(model on the CPU in eval mode, tokenizer) from an exported folder."""
+    import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise PredictError(f"no model folder at {folder}; write one with `python -m study export`")
+    from objectives.weights import CLASSIFICATION_CONFIG
+
+    folder = _model_folder(folder)
     config_source = folder / CLASSIFICATION_CONFIG
     try:
         config = AutoConfig.from_pretrained(config_source if config_source.is_file() else folder)
@@ -55,6 +57,13 @@ def load_exported(folder: Path) -> tuple[nn.Module, Any]:
         raise PredictError(f"cannot load the model in {folder}: {first_line(e)}") from None
     model.eval()
     return model, tokenizer
+
+
+def _model_folder(folder: str | Path) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PredictError(f"no model folder at {folder}; write one with `python -m study export`")
+    return folder
 
 
 def read_texts(path: Path) -> list[str]:
@@ -81,7 +90,6 @@ def read_texts(path: Path) -> list[str]:
     return texts
 
 
-@torch.no_grad()
 def classify(
     model: nn.Module,
     tokenizer: Any,
@@ -91,6 +99,22 @@ def classify(
     top_k: int,
 ) -> list[Prediction]:
     """Each text's `top_k` intents with softmax probabilities, in the order of `texts`."""
+    import torch
+
+    with torch.no_grad():
+        return _classify(model, tokenizer, texts, device, dtype, top_k)
+
+
+def _classify(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    top_k: int,
+) -> list[Prediction]:
+    import torch
+
     model.to(device)
     id2label = model.config.id2label
     k = min(top_k, len(id2label))
@@ -129,8 +153,6 @@ def run_predict(
     mixed_precision: bool,
 ) -> list[Prediction]:
     """The `predict` command: texts from the command line and/or `--input`, classified."""
-    from objectives.device import detect_device
-
     texts = [t.strip() for t in texts]
     if any(not t for t in texts):
         raise PredictError("an empty text cannot be classified")
@@ -140,8 +162,12 @@ def run_predict(
         raise PredictError('give texts to classify ("text" ...) or --input FILE.csv')
     if top_k < 1:
         raise PredictError(f"--top-k must be a positive number, got {top_k}")
+    folder = _model_folder(model_dir)
+    from objectives.device import detect_device
+    from objectives.weights import inference_dtype
+
     device = detect_device(device_name)
-    model, tokenizer = load_exported(Path(model_dir))
+    model, tokenizer = load_exported(folder)
     return classify(
         model, tokenizer, texts, device, inference_dtype(device, mixed_precision), top_k
     )

@@ -135,6 +135,11 @@ def test_help_does_not_import_torch() -> None:
         ["confirm", "--top", "0"],
         ["evaluate", "--trial", "first"],
         ["report", "--storage", "postgres://nowhere/db"],
+        ["optimize", "--storage", "bogus://x"],
+        ["optimize", "--space", "/nonexistent/space.toml"],
+        ["export", "--trial", "best", "--out", "/nonexistent/out", "--storage", "sqlite:/x.db"],
+        ["predict", "--model", "/nonexistent/model", "a text"],
+        ["predict", "--model", ".", "--top-k", "0", "a text"],
         ["bench", "--repeats", "0"],
     ],
 )
