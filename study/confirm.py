@@ -26,7 +26,7 @@ from objectives.config import TrainConfig, run_config
 from objectives.objective import TRIAL_FAILURES, RunContext, run_trial
 from objectives.record import Attr, TrialRecord, best_trials
 from storage import get_storage
-from study.config import CONFIRM_SUFFIX, ConfigError, StudyConfig, check_confirm_counts
+from study.config import CONFIRM_SUFFIX, ConfigError, StudyConfig
 from study.prepare import Prepared, prepare_run
 from study.quota import optimize_quota
 from study.runner import check_identity, open_study, study_identity, study_recipe
@@ -153,8 +153,8 @@ def queue_jobs(study: optuna.Study, jobs: list[Job]) -> int:
 def run_confirm(
     cfg: StudyConfig, top: int, n_seeds: int, epochs: int | None, prep: Prepared | None = None
 ) -> tuple[optuna.Study, list[Job]]:
-    """The `confirm` command: queue the runs, then train every queued one."""
-    check_confirm_counts(top, n_seeds, epochs)
+    """The `confirm` command: queue the runs, then train every queued one. `top`, `n_seeds`
+    and `epochs` are checked with the other flags (`study.config.check_confirm_counts`)."""
     storage = get_storage(cfg.storage, cfg.heartbeat, create=False)
     lora, baseline = load_studies(storage, cfg.study_name)
     if baseline is None:

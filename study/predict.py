@@ -101,20 +101,6 @@ def classify(
     """Each text's `top_k` intents with softmax probabilities, in the order of `texts`."""
     import torch
 
-    with torch.no_grad():
-        return _classify(model, tokenizer, texts, device, dtype, top_k)
-
-
-def _classify(
-    model: nn.Module,
-    tokenizer: Any,
-    texts: list[str],
-    device: torch.device,
-    dtype: torch.dtype,
-    top_k: int,
-) -> list[Prediction]:
-    import torch
-
     model.to(device)
     id2label = model.config.id2label
     k = min(top_k, len(id2label))
@@ -126,7 +112,8 @@ def _classify(
         batch = tokenizer(
             [texts[i] for i in idx], truncation=True, padding=True, return_tensors="pt"
         ).to(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+        with torch.no_grad(), autocast:
             logits = model(**batch).logits
         probs, ids = logits.float().softmax(-1).topk(k, dim=-1)
         for row, i in enumerate(idx):

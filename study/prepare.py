@@ -1,6 +1,6 @@
 """What a process builds once before its trials: space, data, device, model, tensors.
 
-`prepare_run(cfg)` validates and builds everything a study's trials share, touching no storage;
+`prepare_run(cfg)` builds everything a study's trials share, touching no storage;
 optimize, confirm, the workers bench and device-check all start from it.
 """
 
@@ -14,7 +14,6 @@ from objectives.device import detect_device
 from objectives.model import load_pretrained, model_fingerprint
 from objectives.objective import RunContext
 from objectives.space import Space, load_space
-from storage import parse_url
 from study.config import StudyConfig
 
 
@@ -29,9 +28,9 @@ class Prepared:
 
 
 def prepare_run(cfg: StudyConfig, need_space: bool = True) -> Prepared:
-    """Validate and build, touching no storage: space, URL, data, device, model, tensors."""
+    """Build, touching no storage, for a validated `cfg` (`study.config.validate` checked its
+    flags and storage URL): space, data, device, model, tensors."""
     space = load_space(cfg.space) if need_space else load_space(None)
-    parse_url(cfg.storage)
     data = load_data(cfg.resolved_data_dir, cfg.max_train_samples)
     device = detect_device(cfg.device)
     base_model, tokenizer = load_pretrained(cfg.model, data.label_names)

@@ -14,8 +14,9 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def row(r: TrialRecord) -> list[str]:
+def trial_row(t: FrozenTrial) -> list[str]:
     """A trial's cells in `COLUMNS` order, "-" where unknown."""
+    r = TrialRecord.from_trial(t, "")
     p = r.params
 
     def num(value: float | None, fmt: str) -> str:
@@ -33,10 +34,6 @@ def row(r: TrialRecord) -> list[str]:
         num(r.val_f1, ".4f"),
         num(r.test_f1, ".4f"),
     ]
-
-
-def trial_row(t: FrozenTrial) -> list[str]:
-    return row(TrialRecord.from_trial(t, ""))
 
 
 def format_table(lora: Sequence[FrozenTrial], baseline: Sequence[FrozenTrial], top: int = 5) -> str:
