@@ -85,11 +85,19 @@ def _to_stderr(message: str) -> None:
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
-    """`exc` and what it was raised from: Optuna wraps SQLAlchemy, which wraps the driver."""
+    """`exc` and what it was raised from: Optuna wraps SQLAlchemy, which wraps the driver.
+
+    A session whose query failed refuses the next one with PendingRollbackError, raised while
+    the first failure was being handled (Optuna's `_get_trials` queries again after an
+    OperationalError): that first failure, its context, is what went wrong.
+    """
     chain: list[BaseException] = []
     while exc is not None and len(chain) < 8:
         chain.append(exc)
-        exc = exc.__cause__
+        if isinstance(exc, sqlalchemy.exc.PendingRollbackError) and exc.__cause__ is None:
+            exc = exc.__context__
+        else:
+            exc = exc.__cause__
     return chain
 
 

@@ -138,6 +138,24 @@ def test_lost_connections_and_lock_conflicts_are_told_apart() -> None:
     assert classify(integrity) is None
     assert classify(KeyError("no study")) is None
 
+    # Optuna's _get_trials queries again in the same session after an OperationalError (a
+    # MariaDB restart did this in CI): the session's refusal is classified by what failed first.
+    def refused_after(first: Exception) -> Exception:
+        try:
+            try:
+                raise first
+            except Exception:  # the session's refusal has the first failure as its context
+                raise sqlalchemy.exc.PendingRollbackError("invalid transaction")  # noqa: B904
+        except sqlalchemy.exc.PendingRollbackError as refusal:
+            try:
+                raise optuna.exceptions.StorageInternalError("during the commit") from refusal
+            except optuna.exceptions.StorageInternalError as e:
+                return e
+
+    lost = sqlalchemy.exc.OperationalError("SELECT", None, pymysql.err.OperationalError(2013, "x"))
+    assert classify(refused_after(lost)) == "lost"
+    assert classify(refused_after(integrity)) is None
+
 
 # ----------------------------------------------------------------------------- storage calls
 
