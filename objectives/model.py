@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# At import, not in the first LoRA trial: loading peft takes seconds, and a Ctrl-C landing in it
+# (inside a dataclass's generated code) made CPython exit -2 instead of our 130.
+from peft import LoraConfig, TaskType, get_peft_model
 from torch import nn
 
 from objectives.config import LORA_TARGETS, TrainConfig
@@ -110,8 +114,6 @@ def build_model(base: nn.Module, cfg: TrainConfig) -> nn.Module:
         return model
     if cfg.mode != "lora":
         raise ValueError(f"unknown mode {cfg.mode!r}")
-    from peft import LoraConfig, TaskType, get_peft_model
-
     targets = LORA_TARGETS[cfg.target_modules]
     torch.manual_seed(cfg.seed)  # peft draws the adapters' A matrices from the global RNG
     lora = LoraConfig(

@@ -28,6 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# At import, not in a trial's setup: loading transformers' optimization module (which loads
+# peft) takes seconds, would count as the first trial's setup time, and a Ctrl-C landing in it
+# (inside a dataclass's generated code) made CPython exit -2 instead of our 130.
+from transformers import get_scheduler
+
 from objectives.batching import (
     PreparedData,
     PreparedSplit,
@@ -142,8 +147,6 @@ def make_optimizer(
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    from transformers import get_scheduler
-
     return get_scheduler(
         cfg.lr_scheduler,
         optimizer,
