@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial
 
-from objectives.record import TrialRecord, state_counts, to_records
+from objectives.record import TrialRecord, count_states, to_records
 from reports import figures, png
 from reports.confirm import (
     CONFIRM_COLUMNS,
@@ -88,9 +88,9 @@ FRONT_TITLES: dict[CostKey, str] = {
 }
 
 
-def _state_counts(trials: Sequence[FrozenTrial]) -> str:
-    counts = sorted((state.name, n) for state, n in state_counts(trials).items())
-    return ", ".join(f"{n} {state}" for state, n in counts) or "none"
+def _states_text(trials: Sequence[FrozenTrial]) -> str:
+    """`3 COMPLETE, 1 PRUNED`, states in alphabetical order."""
+    return ", ".join(f"{n} {state}" for state, n in sorted(count_states(trials).items())) or "none"
 
 
 def _study_notes(
@@ -438,14 +438,14 @@ def write_reports(
         for record in best_first(records)
     ]
     baseline_text = (
-        f" and its baseline '{baseline.study_name}' ({_state_counts(baseline_trials)})"
+        f" and its baseline '{baseline.study_name}' ({_states_text(baseline_trials)})"
         if baseline is not None
         else " (no baseline study)"
     )
     content = ReportContent(
         title=f"Report: {study.study_name}",
         intro=(
-            f"LoRA study '{study.study_name}' ({_state_counts(study_trials)}){baseline_text}. "
+            f"LoRA study '{study.study_name}' ({_states_text(study_trials)}){baseline_text}. "
             "Objective: validation macro-F1, maximised; test F1 is reported, never used to choose."
         ),
         notes=notes,

@@ -338,7 +338,7 @@ def _add_winner_commands(sub: argparse._SubParsersAction) -> None:
     pr.set_defaults(run=_predict)
 
 
-def _config(args: argparse.Namespace, fixed: tuple[str, ...] = recipe.FIXED) -> StudyConfig:
+def _config(args: argparse.Namespace, fixed: tuple[str, ...] = recipe.FIXED_FLAGS) -> StudyConfig:
     """Flags > config file > the study's recipe (when the study exists) > defaults."""
     file_values = read_config_file(args.config) if args.config else None
     given = given_values(vars(args), file_values)
@@ -415,7 +415,7 @@ def _print_fairness(
 def _confirm(args: argparse.Namespace) -> int:
     check_confirm_counts(args.top, args.seeds, args.epochs)
     # --epochs here is the runs' own budget, not the study's: it may differ from the recipe
-    cfg = _config(args, fixed=tuple(k for k in recipe.FIXED if k != "epochs"))
+    cfg = _config(args, fixed=tuple(k for k in recipe.FIXED_FLAGS if k != "epochs"))
     from study.confirm import run_confirm
     from study.table import format_confirm_table
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from objectives.record import TrialRecord, best_trials, state_counts
+from objectives.record import TrialRecord, best_trials, count_states
 from reports.sensitivity import check_trials, fairness_lines
 from reports.tables import CostKey
 from study.config import CONFIRM_SUFFIX
@@ -70,18 +70,23 @@ def _table(rows: Sequence[tuple[str, FrozenTrial]]) -> list[str]:
 
 
 STATE_WORDS = {
-    TrialState.COMPLETE: "complete",
-    TrialState.PRUNED: "pruned",
-    TrialState.FAIL: "failed",
-    TrialState.RUNNING: "running",
-    TrialState.WAITING: "waiting",
+    "COMPLETE": "complete",
+    "PRUNED": "pruned",
+    "FAIL": "failed",
+    "RUNNING": "running",
+    "WAITING": "waiting",
 }
 
 
-def _counts(trials: Sequence[FrozenTrial]) -> str:
-    counts = state_counts(trials)
-    # Finished states always show (a 0 is news too); running and waiting only when present.
-    shown = [f"{counts[s]} {w}" for s, w in STATE_WORDS.items() if counts[s] or s.is_finished()]
+def _states_sentence(trials: Sequence[FrozenTrial]) -> str:
+    """`4 trials (3 complete, 1 pruned, 0 failed)`: finished states always (a 0 is news too),
+    running and waiting only when present."""
+    counts = count_states(trials)
+    shown = [
+        f"{counts[s]} {word}"
+        for s, word in STATE_WORDS.items()
+        if counts[s] or TrialState[s].is_finished()
+    ]
     return f"{len(trials)} trial{'' if len(trials) == 1 else 's'} ({', '.join(shown)})"
 
 
@@ -137,7 +142,8 @@ def study_note(
         "",
         f"Objective {OBJECTIVE_TEXT}",
         "",
-        f"LoRA study: {_counts(lora)}. Baseline study `{baseline_name}`: {_counts(baseline)}.",
+        f"LoRA study: {_states_sentence(lora)}. "
+        f"Baseline study `{baseline_name}`: {_states_sentence(baseline)}.",
         "",
         "### Best LoRA trial and the baseline",
         "",

@@ -127,10 +127,10 @@ def open_study(
             study.set_metric_names([OBJECTIVE_NAME])
             for key, value in identity.items():
                 study.set_user_attr(key, value)
-            recipe.record(study, made_with or {})
+            recipe.remember(study, made_with or {})
             return study
     check_identity(name, study, identity)
-    recipe.record(study, made_with or {})
+    recipe.remember(study, made_with or {})
     return study
 
 

@@ -9,14 +9,14 @@ study, and the model and data it was made with (its recipe). Optuna's own `optun
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import optuna
 from optuna.trial import FrozenTrial
 
-from objectives.record import best_trials
+from objectives.record import best_trials, count_states
+from study import recipe
 from study.config import BASELINE_SUFFIX, CONFIRM_SUFFIX, ConfigError
 from study.table import _aligned
 
@@ -32,9 +32,10 @@ def role_of(name: str) -> str:
     return "LoRA study"
 
 
-def state_counts(trials: Sequence[FrozenTrial]) -> str:
-    counts = Counter(t.state.name.lower() for t in trials)
-    parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+def _trials_cell(trials: Sequence[FrozenTrial]) -> str:
+    """`6 (3 complete, 3 pruned)`, states in alphabetical order."""
+    counts = sorted(count_states(trials).items())
+    parts = ", ".join(f"{n} {state.lower()}" for state, n in counts)
     return f"{len(trials)}" + (f" ({parts})" if parts else "")
 
 
@@ -74,7 +75,7 @@ def study_lines(studies: Sequence[optuna.Study]) -> list[StudyLine]:
             StudyLine(
                 name=name,
                 role=role,
-                trials=state_counts(trials[name]),
+                trials=_trials_cell(trials[name]),
                 best=best_text(trials[name]),
                 baseline=best_text(baseline) if baseline is not None else "-",
                 model=_short(attrs.get("model")),
@@ -121,4 +122,8 @@ def load_studies(
         if baseline_name in names
         else None
     )
-    return optuna.load_study(study_name=name, storage=storage), baseline
+    study = optuna.load_study(study_name=name, storage=storage)
+    for made in (study, baseline):
+        if made is not None:
+            recipe.read(made)  # a study made by an older version is refused here
+    return study, baseline

@@ -230,7 +230,7 @@ def test_reports_and_the_note_compare_the_time_a_user_waits(ctx) -> None:
 
     fast_epochs = _frozen(0, train_s=10.0, setup_s=50.0, f1=0.80)  # waits 60 s
     plain = _frozen(1, train_s=30.0, setup_s=1.0, f1=0.80)  # waits 31 s
-    old = _frozen(2, train_s=40.0, setup_s=None, f1=0.81)  # before setup_time_s: 40 s
+    old = _frozen(2, train_s=40.0, setup_s=0.0, f1=0.81)  # no setup to speak of: 40 s
     records = to_records([fast_epochs, plain, old], "s")
     assert [r.wait_time_s for r in records] == [60.0, 31.0, 40.0]
     assert [r.train_time_s for r in records] == [10.0, 30.0, 40.0]  # the trials' own attribute
