@@ -110,6 +110,11 @@ class TrialRecord:
     peak_mem_mb: float | None = None
     artifact_id: str | None = None  # its kept weights in the artifact store, if any
     cuda_graphs: str | None = None  # "on: ..." or "off: <why>"
+    # COMPLETE trials: the test split's labels and predictions (`objectives.predictions`), for
+    # the paired comparisons of two trials, and the number of label names of the data.
+    test_labels: str | None = field(default=None, repr=False)
+    test_predictions: str | None = field(default=None, repr=False)
+    num_labels: int | None = None
 
     @property
     def complete(self) -> bool:
@@ -179,7 +184,10 @@ def _as_str(value: Any) -> str | None:
 
 
 # The TrialRecord fields read from the user attribute of the same name (or `_KEYS`'s), by type.
-_STRINGS = ("mode", "fail_reason", "role", "device", "model", "artifact_id", "cuda_graphs")
+_STRINGS = (
+    "mode", "fail_reason", "role", "device", "model", "artifact_id", "cuda_graphs",
+    "test_labels", "test_predictions",
+)  # fmt: skip
 _FLOATS = (
     "test_f1", "val_accuracy", "test_accuracy", "trainable_share_pct", "train_time_s",
     "setup_time_s", "lr_factor", "peak_mem_mb",
@@ -192,8 +200,9 @@ _READ = {
     **dict.fromkeys(_STRINGS, _as_str),
     **dict.fromkeys(_FLOATS, as_float),
     **dict.fromkeys(_INTS, as_int),
+    "num_labels": lambda names: len(names) if isinstance(names, list) else None,
 }
-_KEYS = {"role": Attr.ROLE}
+_KEYS = {"role": Attr.ROLE, "num_labels": Attr.LABELS}
 
 
 def _objective_value(trial: FrozenTrial) -> float | None:

@@ -1,8 +1,10 @@
-"""Interactive plotly figures for index.html (and for optuna-dashboard, via `pareto_figure`).
+"""The report's figures, each defined once as a plotly figure: index.html shows it, `reports.png`
+draws its PNG from it, and optuna-dashboard stores `pareto_figure`.
 
 Every builder is a pure function of trial records or computed tables and returns a
-`plotly.graph_objects.Figure`; nothing is written here. Colours are shared with the PNG versions
-in `reports.png` so both outputs read the same way.
+`plotly.graph_objects.Figure`; nothing is written here. Optuna's own plots
+(`optuna.visualization`) draw one study's COMPLETE trials; these put the pruned trials, the Pareto
+front and the full fine-tuning baseline beside them, which is the comparison the study is for.
 """
 
 from __future__ import annotations
@@ -91,6 +93,42 @@ def _empty(fig: go.Figure, message: str) -> go.Figure:
     return fig
 
 
+# How each group of trials on a Pareto figure is drawn, in drawing order.
+PARETO_STYLES = {
+    "pruned": {
+        "mode": "markers",
+        "name": "pruned (best F1 before stopping)",
+        "marker": {"symbol": "x", "color": COLORS["pruned"], "size": 7, "opacity": 0.7},
+    },
+    "lora": {
+        "mode": "markers",
+        "name": "LoRA trials",
+        "marker": {"color": COLORS["trial"], "size": 9, "opacity": 0.85},
+    },
+    "front": {
+        "mode": "lines+markers",
+        "name": "Pareto front",
+        "line": {"color": COLORS["front"], "shape": "hv", "width": 2},
+        "marker": {
+            "color": COLORS["front"],
+            "size": 11,
+            "symbol": "diamond",
+            "line": {"color": "white", "width": 1},
+        },
+    },
+    "baseline": {
+        "mode": "markers",
+        "name": "full fine-tuning baseline",
+        "marker": {
+            "color": COLORS["baseline"],
+            "size": 18,
+            "symbol": "star",
+            "line": {"color": "black", "width": 1},
+        },
+    },
+}
+
+
 def pareto_figure_from_records(records: Sequence[TrialRecord], cost: CostKey) -> go.Figure:
     """F1 against `cost` for every trial with both values, the front highlighted as a staircase,
     the baseline as a star with a horizontal line at its F1."""
@@ -98,16 +136,19 @@ def pareto_figure_from_records(records: Sequence[TrialRecord], cost: CostKey) ->
     front = pareto_front(records, cost)
     on_front = {(r.study, r.number) for r in front}
     candidates = pareto_candidates(records, cost)
-    lora = [r for r in candidates if not r.baseline and (r.study, r.number) not in on_front]
-    base = [r for r in candidates if r.baseline]
-    pruned = [
-        r
-        for r in records
-        if not r.baseline
-        and r.state == "PRUNED"
-        and r.val_f1 is not None
-        and cost_of(r, cost) is not None
-    ]
+    groups = {
+        "pruned": [  # at the best F1 they reached before they were stopped
+            r
+            for r in records
+            if r.state == "PRUNED"
+            and not r.baseline
+            and r.val_f1 is not None
+            and cost_of(r, cost) is not None
+        ],
+        "lora": [r for r in candidates if not r.baseline and (r.study, r.number) not in on_front],
+        "front": front,
+        "baseline": [r for r in candidates if r.baseline],
+    }
     title = "Pareto front: validation F1 against " + (
         "trainable parameters" if cost == "trainable_params" else "training time"
     )
@@ -119,59 +160,11 @@ def pareto_figure_from_records(records: Sequence[TrialRecord], cost: CostKey) ->
     else:
         fig.update_xaxes(title=COST_TITLES[cost])
     fig.update_yaxes(title=F1_TITLE)
-    if not candidates and not pruned:
+    if not candidates and not groups["pruned"]:
         return _empty(fig, f"No COMPLETE trial with a validation F1 and {cost} yet.")
-    if pruned:
-        fig.add_trace(
-            _points(
-                pruned,
-                cost,
-                mode="markers",
-                name="pruned (best F1 before stopping)",
-                marker={"symbol": "x", "color": COLORS["pruned"], "size": 7, "opacity": 0.7},
-            )
-        )
-    if lora:
-        fig.add_trace(
-            _points(
-                lora,
-                cost,
-                mode="markers",
-                name="LoRA trials",
-                marker={"color": COLORS["trial"], "size": 9, "opacity": 0.85},
-            )
-        )
-    if front:
-        fig.add_trace(
-            _points(
-                front,
-                cost,
-                mode="lines+markers",
-                name="Pareto front",
-                line={"color": COLORS["front"], "shape": "hv", "width": 2},
-                marker={
-                    "color": COLORS["front"],
-                    "size": 11,
-                    "symbol": "diamond",
-                    "line": {"color": "white", "width": 1},
-                },
-            )
-        )
-    if base:
-        fig.add_trace(
-            _points(
-                base,
-                cost,
-                mode="markers",
-                name="full fine-tuning baseline",
-                marker={
-                    "color": COLORS["baseline"],
-                    "size": 18,
-                    "symbol": "star",
-                    "line": {"color": "black", "width": 1},
-                },
-            )
-        )
+    for name, group in groups.items():
+        if group:
+            fig.add_trace(_points(group, cost, **PARETO_STYLES[name]))
     _baseline_line(fig, best_record(records, baseline=True))
     return fig
 
@@ -348,27 +341,26 @@ def per_class_figure(
             hoverinfo="skip",
         )
     )
-    fig.add_trace(
-        go.Scatter(
-            x=[r.baseline_f1 for r in rows],
-            y=labels,
-            mode="markers",
-            name="full FT baseline",
-            marker={"color": COLORS["baseline"], "size": 8},
-            hovertemplate="baseline %{x:.3f}<extra></extra>",
+    for name, values, color, hover in (
+        ("full FT baseline", [r.baseline_f1 for r in rows], "baseline", "baseline %{x:.3f}"),
+        (
+            "best LoRA",
+            [r.lora_f1 for r in rows],
+            "lora_best",
+            "LoRA %{x:.3f} (diff %{customdata:+.3f})",
+        ),
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=values,
+                y=labels,
+                mode="markers",
+                name=name,
+                marker={"color": COLORS[color], "size": 8},
+                customdata=[r.difference for r in rows],
+                hovertemplate=hover + "<extra></extra>",
+            )
         )
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=[r.lora_f1 for r in rows],
-            y=labels,
-            mode="markers",
-            name="best LoRA",
-            marker={"color": COLORS["lora_best"], "size": 8},
-            customdata=[r.difference for r in rows],
-            hovertemplate="LoRA %{x:.3f} (diff %{customdata:+.3f})<extra></extra>",
-        )
-    )
     fig.update_xaxes(title="Test F1 of the class", range=[-0.02, 1.02])
     fig.update_yaxes(autorange="reversed", tickfont={"size": 9}, dtick=1)
     return fig

@@ -363,25 +363,20 @@ def _optimize(args: argparse.Namespace) -> int:
     cfg = _config(args)  # validated before the heavy imports: a bad flag answers at once
     load_space(cfg.space)  # the same for a bad --space file
     from study.runner import run_optimize
-    from study.table import format_table
 
     study, baseline = run_optimize(cfg)
     print(f"\nstudy {cfg.study_name!r} in {redact(cfg.storage)}: best LoRA trials and the baseline")
-    print(format_table(study.get_trials(deepcopy=False), baseline.get_trials(deepcopy=False)))
-    _print_fairness(cfg, study.get_trials(deepcopy=False), baseline.get_trials(deepcopy=False))
+    lora = study.get_trials(deepcopy=False)
+    _print_comparison(cfg, lora, baseline.get_trials(deepcopy=False), show_lora=True)
     return 0
 
 
 def _baseline(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from study.runner import run_baseline
-    from study.table import format_table
 
-    baseline = run_baseline(cfg)
-    trials = baseline.get_trials(deepcopy=False)
-    print(format_table([], trials))
-    lora = _load_trials(cfg.storage, cfg.study_name)
-    _print_fairness(cfg, lora, trials)
+    trials = run_baseline(cfg).get_trials(deepcopy=False)
+    _print_comparison(cfg, _load_trials(cfg.storage, cfg.study_name), trials, show_lora=False)
     return 0
 
 
@@ -398,18 +393,26 @@ def _load_trials(url: str, name: str) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False)
 
 
-def _print_fairness(
-    cfg: StudyConfig, lora: Sequence[FrozenTrial], baseline: Sequence[FrozenTrial]
+def _print_comparison(
+    cfg: StudyConfig,
+    lora: Sequence[FrozenTrial],
+    baseline: Sequence[FrozenTrial],
+    show_lora: bool,
 ) -> None:
-    """Whether the fixed baseline is a tuned yardstick (see `baseline --sensitivity`)."""
-    from reports.sensitivity import check_trials, fairness_lines
+    """The end-of-run table (the best LoRA trials with `show_lora`, the baseline runs) and the
+    comparison's checks; `confirm`'s seed repeats, where they exist, give the baseline's noise."""
+    from objectives.record import to_records
+    from reports.comparison import compare
+    from reports.sensitivity import baseline_seed_f1s
     from study.config import CONFIRM_SUFFIX
+    from study.terminal import format_checks, format_table
 
+    lora_records = to_records(lora, cfg.study_name)
+    records = lora_records + to_records(baseline, cfg.baseline_name, baseline=True)
     confirm = _load_trials(cfg.storage, cfg.study_name + CONFIRM_SUFFIX)
-    check = check_trials(cfg.study_name, lora, baseline, cfg.baseline_name, confirm)
-    print("\nIs the baseline fair?")
-    for line in fairness_lines(check, cfg.study_name):
-        print(f"- {line}")
+    comparison = compare(records, study_name=cfg.study_name, seed_f1s=baseline_seed_f1s(confirm))
+    print(format_table(comparison, lora_records if show_lora else []))
+    print(format_checks(comparison))
 
 
 def _confirm(args: argparse.Namespace) -> int:
@@ -417,7 +420,7 @@ def _confirm(args: argparse.Namespace) -> int:
     # --epochs here is the runs' own budget, not the study's: it may differ from the recipe
     cfg = _config(args, fixed=tuple(k for k in recipe.FIXED_FLAGS if k != "epochs"))
     from study.confirm import run_confirm
-    from study.table import format_confirm_table
+    from study.terminal import format_confirm_table
 
     study, _ = run_confirm(cfg, args.top, args.seeds, epochs=args.epochs)
     where = f"{study.study_name!r} in {redact(cfg.storage)}"

@@ -148,8 +148,9 @@ def metrics_doc(result: Recomputed, summary: dict[str, Any], stored: dict[str, A
 
 
 def write_evaluation(folder: Path, result: Recomputed, doc: dict[str, Any], title: str) -> None:
+    from reports.figures import confusion_figure
     from reports.perclass import Confusion
-    from reports.png import confusion_png, save
+    from reports.png import save
 
     (folder / "metrics.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
     rows = per_class_rows(result)
@@ -157,9 +158,8 @@ def write_evaluation(folder: Path, result: Recomputed, doc: dict[str, Any], titl
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    save(
-        confusion_png(Confusion(list(result.labels), result.confusion), title), folder / OUTPUTS[2]
-    )
+    figure = confusion_figure(Confusion(list(result.labels), result.confusion), title)
+    save(figure, folder / OUTPUTS[2])
 
 
 def default_out(study_name: str, trial_number: int, split: str) -> Path:

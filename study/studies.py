@@ -18,9 +18,9 @@ from optuna.trial import FrozenTrial
 from objectives.record import best_trials, count_states
 from study import recipe
 from study.config import BASELINE_SUFFIX, CONFIRM_SUFFIX, ConfigError
-from study.table import _aligned
+from study.terminal import aligned
 
-COLUMNS = ("study", "role", "trials", "best val F1", "baseline val F1", "model", "data")
+STUDY_COLUMNS = ("study", "role", "trials", "best val F1", "baseline val F1", "model", "data")
 WIDE = 40  # longer model or data paths keep their end, where the name is
 
 
@@ -91,8 +91,8 @@ def study_lines(studies: Sequence[optuna.Study]) -> list[StudyLine]:
 def format_studies(lines: Sequence[StudyLine]) -> str:
     if not lines:
         return "no studies in this storage"
-    return _aligned(
-        COLUMNS, [line.cells() for line in lines], left=("study", "role", "model", "data")
+    return aligned(
+        STUDY_COLUMNS, [line.cells() for line in lines], left=("study", "role", "model", "data")
     )
 
 

@@ -225,8 +225,8 @@ def _frozen(number: int, train_s: float, setup_s: float | None, f1: float, mode:
 def test_reports_and_the_note_compare_the_time_a_user_waits(ctx) -> None:
     """A trial that trains fast after a long capture is not cheaper than one without capture."""
     from objectives.record import to_records
-    from reports.tables import compute_findings, pareto_front
-    from study.notes import comparison
+    from reports.comparison import compare, note_lines
+    from reports.tables import pareto_front
 
     fast_epochs = _frozen(0, train_s=10.0, setup_s=50.0, f1=0.80)  # waits 60 s
     plain = _frozen(1, train_s=30.0, setup_s=1.0, f1=0.80)  # waits 31 s
@@ -236,9 +236,10 @@ def test_reports_and_the_note_compare_the_time_a_user_waits(ctx) -> None:
     assert [r.train_time_s for r in records] == [10.0, 30.0, 40.0]  # the trials' own attribute
     assert [r.number for r in pareto_front(records, "wait_time_s")] == [1, 2]
     base = _frozen(3, train_s=100.0, setup_s=20.0, f1=0.7, mode="full")
-    findings = compute_findings([*records, *to_records([base], "b", baseline=True)], {})
+    base_records = to_records([base], "b", baseline=True)
+    findings = compare([*records, *base_records], {})
     assert findings.time_ratio == pytest.approx(40.0 / 120.0)
-    note = "\n".join(comparison(fast_epochs, base))
+    note = "\n".join(note_lines(compare([records[0], *base_records])))
     assert "training time (setup included) 60.0 s vs 120.0 s: 0.50x" in note
 
 

@@ -27,6 +27,7 @@ from sklearn.metrics import f1_score
 
 from objectives.metrics import per_class_f1
 from objectives.record import TrialRecord, as_float, as_int, to_records
+from reports.comparison import compare
 from reports.figures import pareto_figure
 from reports.importance import FANOVA, MIN_TRIALS, PED_ANOVA, param_importances
 from reports.perclass import (
@@ -39,7 +40,6 @@ from reports.tables import (
     best_first,
     best_record,
     best_so_far,
-    compute_findings,
     dominates,
     pareto_front,
     pareto_rows,
@@ -450,7 +450,7 @@ def test_findings_hand_checked() -> None:
         trainable_params=100_000_000, train_time_s=600.0, wait_time_s=600.0,
     )  # fmt: skip
     tops = {FANOVA: ("learning_rate", 0.7), PED_ANOVA: ("lora_r", 0.5)}
-    findings = compute_findings([lora, worse, base], tops)
+    findings = compare([lora, worse, base], tops)
     assert findings.best_lora is lora  # by validation F1, though #5 has the better test F1
     assert findings.baseline is base
     assert findings.delta_val_f1 == pytest.approx(-0.02)
@@ -462,10 +462,10 @@ def test_findings_hand_checked() -> None:
 
 
 def test_findings_without_baseline_or_lora() -> None:
-    findings = compute_findings([rec(0, 0.5, 10)], {})
+    findings = compare([rec(0, 0.5, 10)], {})
     assert findings.baseline is None and findings.delta_val_f1 is None
     assert findings.time_ratio is None and findings.most_important is None
-    empty = compute_findings([], {})
+    empty = compare([], {})
     assert empty.best_lora is None and empty.savings is None
 
 

@@ -1,22 +1,26 @@
-"""The end-of-run table: the best LoRA trials beside the baseline, in the reference's columns."""
+"""What the terminal shows after a run: the best LoRA trials beside the baseline in the
+reference's columns, the comparison's checks, and the seed repeats of `confirm`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from optuna.trial import FrozenTrial
 
-from objectives.record import TrialRecord, best_trials, neighbour_trials
+from objectives.record import TrialRecord, ranked
 
-COLUMNS = (
+if TYPE_CHECKING:
+    from reports.comparison import Comparison
+
+TRIAL_COLUMNS = (
     "mode", "rank", "LR", "scheduler", "trainable params", "total params", "share %",
     "train time s", "val F1", "test F1",
 )  # fmt: skip
 
 
-def trial_row(t: FrozenTrial) -> list[str]:
-    """A trial's cells in `COLUMNS` order, "-" where unknown."""
-    r = TrialRecord.from_trial(t, "")
+def trial_row(r: TrialRecord) -> list[str]:
+    """A trial's cells in `TRIAL_COLUMNS` order, "-" where unknown."""
     p = r.params
 
     def num(value: float | None, fmt: str) -> str:
@@ -36,16 +40,24 @@ def trial_row(t: FrozenTrial) -> list[str]:
     ]
 
 
-def format_table(lora: Sequence[FrozenTrial], baseline: Sequence[FrozenTrial], top: int = 5) -> str:
-    """Plain-text table: the `top` best COMPLETE LoRA trials, then the baseline run(s)."""
-    shown = [*best_trials(lora, top), *best_trials(baseline, 1), *neighbour_trials(baseline)]
-    rows = [trial_row(t) for t in shown]
-    if not rows:
+def format_table(comparison: Comparison, lora: Sequence[TrialRecord], top: int = 5) -> str:
+    """Plain-text table: the `top` best COMPLETE trials of `lora`, then the baseline run(s)."""
+    base = [comparison.baseline] if comparison.baseline is not None else []
+    shown = [*ranked(lora)[:top], *base, *comparison.fairness.neighbours]
+    if not shown:
         return "no COMPLETE trial yet"
-    return _aligned(COLUMNS, rows)
+    return aligned(TRIAL_COLUMNS, [trial_row(r) for r in shown])
 
 
-def _aligned(columns: Sequence[str], rows: list[list[str]], left: Sequence[str] = ()) -> str:
+def format_checks(comparison: Comparison) -> str:
+    """Each check of the comparison: its title, then its sentences as a list."""
+    return "\n".join(
+        f"\n{check.title}\n" + "\n".join(f"- {line}" for line in check.lines)
+        for check in comparison.checks
+    )
+
+
+def aligned(columns: Sequence[str], rows: list[list[str]], left: Sequence[str] = ()) -> str:
     """Header and rows, each column aligned to its widest cell: right (numbers), or left for
     the columns named in `left` (names, paths), whose last column is not padded."""
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
@@ -76,7 +88,7 @@ def format_confirm_table(trials: Sequence[FrozenTrial]) -> str:
     configs = confirmed_configs(trials)
     if not configs:
         return "no COMPLETE confirmation run yet"
-    columns = ("source", "seeds", *COLUMNS)
+    columns = ("source", "seeds", *TRIAL_COLUMNS)
     rows = []
     for c in configs:
         p = c.params
@@ -96,4 +108,4 @@ def format_confirm_table(trials: Sequence[FrozenTrial]) -> str:
                 _pm(c.test_f1, ".4f"),
             ]
         )
-    return _aligned(columns, rows) + "\n" + verdict(configs).text
+    return aligned(columns, rows) + "\n" + verdict(configs).text
