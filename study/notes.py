@@ -38,9 +38,9 @@ if TYPE_CHECKING:
 DASHBOARD_PACKAGES = ("optuna_dashboard", "plotly")
 
 
-def dashboard_missing() -> str | None:
-    """The first package the dashboard note and plots need that is not installed, or None."""
-    for name in DASHBOARD_PACKAGES:
+def missing_package(names: Sequence[str]) -> str | None:
+    """The first of the packages `names` that is not installed (as pip names it), or None."""
+    for name in names:
         try:
             found = importlib.util.find_spec(name) is not None
         except (ImportError, ValueError):  # a blocked or half-imported module
@@ -48,6 +48,11 @@ def dashboard_missing() -> str | None:
         if not found:
             return name.replace("_", "-")
     return None
+
+
+def dashboard_missing() -> str | None:
+    """The first package the dashboard note and plots need that is not installed, or None."""
+    return missing_package(DASHBOARD_PACKAGES)
 
 
 # Fixed custom-plot ids: saving under the same id replaces the figure instead of adding one.

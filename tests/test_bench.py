@@ -20,7 +20,7 @@ from helpers import tiny_context
 from objectives.config import FULL_FT_DEFAULTS, LORA_DEFAULTS
 from objectives.data import encode, load_data
 from objectives.model import build_model, load_pretrained
-from study.bench.config import BenchConfig, validate
+from study.bench.config import BenchConfig, validate_bench
 from study.bench.loops import alternating
 from study.bench.memory import PeakMemory, rss_mb
 from study.bench.reference import train_reference, training_arguments
@@ -80,7 +80,7 @@ def test_alternating_order_swaps_every_repeat() -> None:
 )
 def test_bad_settings_are_refused(change) -> None:
     with pytest.raises(ConfigError):
-        validate(replace(BenchConfig(), **change))
+        validate_bench(replace(BenchConfig(), **change))
 
 
 def test_bad_flag_exits_2_with_one_line(capsys) -> None:

@@ -1,4 +1,4 @@
-"""What the GPU and Apple paths need, shown on a CPU (issue 12): memory of finished trials,
+"""What the GPU and Apple paths need, shown on a CPU: memory of finished trials,
 setup time, the precision choice, graph memory and its fallbacks, peak memory, several GPUs.
 
 Nothing here needs an accelerator: the device's capabilities are arguments of pure functions,
@@ -289,15 +289,13 @@ def test_precision_is_a_function_of_the_devices_capability(
 
 
 def test_emulated_bf16_does_not_count_on_pre_ampere_gpus(monkeypatch) -> None:
-    """torch.cuda.is_bf16_supported() says yes on a V100 (emulation); the choice must not."""
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(
-        torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=7, minor=0)
-    )
-    assert device_bf16_supported(torch.device("cuda:0")) is False
+    """torch.cuda.is_bf16_supported() says yes on a V100 (emulation); the choice reads the
+    compute capability instead, and only from 8.0 (Ampere) on is bf16 taken."""
+    for capability, expected in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(
+            torch.cuda, "get_device_capability", lambda device=None, c=capability: c
+        )
+        assert device_bf16_supported(torch.device("cuda:0")) is expected, capability
 
 
 def test_bf16_on_apple_gpus_needs_macos_14(monkeypatch) -> None:
