@@ -1,7 +1,8 @@
 """The search space: which `TrainConfig` fields a trial samples, and over what.
 
-The default space is the issue's: `lora_r` 4..64 (log), `learning_rate` 5e-5..5e-3 (log) and
-`lr_scheduler` in {linear, cosine, constant}. `extended` adds the other LoRA and optimiser knobs.
+The default space samples what decides LoRA's cost and quality: `lora_r` 4..64 (log),
+`learning_rate` 5e-5..5e-3 (log) and `lr_scheduler` in {linear, cosine, constant}. `extended`
+adds the other LoRA and optimiser knobs.
 A TOML file overrides parameters by name, one table each, with either bounds or choices::
 
     [lora_r]

@@ -42,7 +42,7 @@ from objectives.batching import (
 )
 from objectives.config import TrainConfig
 from objectives.device import (
-    PeakMemory,
+    StepPeakMemory,
     autocast_dtype,
     device_bf16_supported,
     sync_device,
@@ -235,7 +235,7 @@ class _Run:
     trainable: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    memory: PeakMemory
+    memory: StepPeakMemory
     t_setup: float
     setup: RunSetup
     train_time: float = 0.0  # the epochs' training so far, evaluation excluded
@@ -256,7 +256,7 @@ def _set_up(
     gen = torch.Generator().manual_seed(cfg.seed)
     dtype = autocast_dtype(device.type, cfg.mixed_precision, device_bf16_supported(device))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    memory = PeakMemory(device)
+    memory = StepPeakMemory(device)
 
     # Setup is part of what a user waits for: the copy to the device, capture, the optimizer.
     t_setup = time.perf_counter()

@@ -158,8 +158,7 @@ def _test_noise(
         lines.append(
             "Not computed for "
             + ", ".join(missing)
-            + ": no per-example test predictions (trials from before they were kept) or "
-            "different test examples."
+            + ": no per-example test predictions, or different test examples."
         )
     lines.append(TEST_NOISE_METHOD)
     return Check(title, "test-noise", lines, list(NOISE_COLUMNS), rows)

@@ -100,6 +100,14 @@ def _add_run_flags(
         default=None,
         help="no progress bars: one plain line per epoch (the default when not on a terminal)",
     )
+    _add_liveness_flags(p)
+    if keeps_weights:
+        p.add_argument("--artifact-dir", help=ARTIFACT_DIR_HELP)
+    p.add_argument("--config", help="TOML file with defaults for these flags (keys = flag names)")
+
+
+def _add_liveness_flags(p: argparse.ArgumentParser) -> None:
+    """How a worker shows it is alive, and how long it waits out a lost database."""
     p.add_argument(
         "--heartbeat-interval",
         type=int,
@@ -116,15 +124,13 @@ def _add_run_flags(
         help=f"seconds a worker waits out a lost database connection before it stops "
         f"({OUTAGE_GRACE_S:.0f})",
     )
-    if keeps_weights:
-        p.add_argument("--artifact-dir", help=ARTIFACT_DIR_HELP)
-    p.add_argument("--config", help="TOML file with defaults for these flags (keys = flag names)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m study",
         description="LoRA fine-tuning study of BERT on Banking77 beside a full-FT baseline.",
+        epilog="Quick start: README.md#quick-start",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 

@@ -90,7 +90,7 @@ def read_texts(path: Path) -> list[str]:
     return texts
 
 
-def classify(
+def top_intents(
     model: nn.Module,
     tokenizer: Any,
     texts: list[str],
@@ -155,6 +155,6 @@ def run_predict(
 
     device = detect_device(device_name)
     model, tokenizer = load_exported(folder)
-    return classify(
+    return top_intents(
         model, tokenizer, texts, device, inference_dtype(device, mixed_precision), top_k
     )

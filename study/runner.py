@@ -175,7 +175,33 @@ def ensure_baseline(
         made_with=study_recipe(cfg, prep, with_space=False),
     )
     optuna.storages.fail_stale_trials(study)
-    trials = study.get_trials(deepcopy=False)
+    queue = _missing_runs(study.get_trials(deepcopy=False), force, sensitivity)
+    for attrs in queue:
+        study.enqueue_trial({}, user_attrs=attrs)
+    # Optuna trains queued trials oldest first, whichever this call queued: train them all.
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    fixed_waiting = any(not is_neighbour(t.user_attrs) for t in waiting)
+    if not waiting or not (queue or fixed_waiting or sensitivity):
+        return study
+    what = "baseline" if not sensitivity else "baseline and its learning-rate neighbours"
+    print(
+        f"running the full fine-tuning {what} ({len(waiting)} run(s)) into study "
+        f"{cfg.baseline_name!r}",
+        file=sys.stderr,
+    )
+    objective = BaselineObjective(
+        cfg.train_config("full"),
+        keeping_weights(prep, cfg, always=True),  # the baseline keeps its weights whatever --keep
+    )
+    optimize_quota(study, objective, n_trials=len(waiting), catch=TRIAL_FAILURES)
+    return study
+
+
+def _missing_runs(
+    trials: Sequence[FrozenTrial], force: bool, sensitivity: bool
+) -> list[dict[str, Any]]:
+    """The user attributes of the baseline runs to queue: the fixed run unless one is active
+    (or failed for a reason of its own, without `force`), and the missing neighbours."""
     active = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
     fixed = [t for t in trials if not is_neighbour(t.user_attrs)]
     queue: list[dict[str, Any]] = []
@@ -199,25 +225,7 @@ def ensure_baseline(
             for f in SENSITIVITY_FACTORS
             if round(f, 6) not in present
         ]
-    for attrs in queue:
-        study.enqueue_trial({}, user_attrs=attrs)
-    # Optuna trains queued trials oldest first, whichever this call queued: train them all.
-    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    fixed_waiting = any(not is_neighbour(t.user_attrs) for t in waiting)
-    if not waiting or not (queue or fixed_waiting or sensitivity):
-        return study
-    what = "baseline" if not sensitivity else "baseline and its learning-rate neighbours"
-    print(
-        f"running the full fine-tuning {what} ({len(waiting)} run(s)) into study "
-        f"{cfg.baseline_name!r}",
-        file=sys.stderr,
-    )
-    objective = BaselineObjective(
-        cfg.train_config("full"),
-        keeping_weights(prep, cfg, always=True),  # the baseline keeps its weights whatever --keep
-    )
-    optimize_quota(study, objective, n_trials=len(waiting), catch=TRIAL_FAILURES)
-    return study
+    return queue
 
 
 def run_baseline(cfg: StudyConfig) -> optuna.Study:

@@ -28,7 +28,7 @@ from objectives.batching import full_batches
 from objectives.config import FULL_FT_DEFAULTS, LORA_DEFAULTS
 from objectives.device import (
     DeviceError,
-    PeakMemory,
+    StepPeakMemory,
     autocast_dtype,
     bf16_capable,
     device_bf16_supported,
@@ -416,12 +416,12 @@ def test_cpu_peak_on_a_mac_is_not_1024_times_too_large(monkeypatch) -> None:
 
     monkeypatch.setattr(sys, "platform", "darwin")
     monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=3 * 2**30))
-    assert PeakMemory(torch.device("cpu")).peak_mb() == 3072
+    assert StepPeakMemory(torch.device("cpu")).peak_mb() == 3072
 
 
 def test_mps_peak_is_the_highest_sample_not_the_memory_at_the_end() -> None:
     readings = iter([100, 700, 300, 200, 150])
-    memory = PeakMemory(torch.device("mps"), read_mps=lambda: next(readings) * 2**20)
+    memory = StepPeakMemory(torch.device("mps"), read_mps=lambda: next(readings) * 2**20)
     memory.sample()
     memory.sample()
     memory.sample()
@@ -429,7 +429,7 @@ def test_mps_peak_is_the_highest_sample_not_the_memory_at_the_end() -> None:
 
 
 def test_bench_samples_mps_memory_while_the_block_runs() -> None:
-    from study.bench.memory import PeakMemory as BenchPeak
+    from study.bench.memory import BlockPeakMemory as BenchPeak
 
     values = iter([10.0, 50.0, 90.0] + [20.0] * 10_000)
     with BenchPeak(torch.device("mps"), interval_s=0.001, read=lambda: next(values)) as mem:

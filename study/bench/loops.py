@@ -27,7 +27,7 @@ from objectives.model import build_model
 from objectives.train import train
 from study.bench.config import BenchConfig
 from study.bench.hardware import hardware
-from study.bench.memory import PeakMemory
+from study.bench.memory import BlockPeakMemory
 from study.bench.reference import train_reference
 from study.config import ConfigError
 
@@ -110,7 +110,7 @@ def _run(w: Workload, loop: str, seed: int) -> Run:
     model = build_model(w.base_model, cfg)
     try:
         graphs = ""
-        with PeakMemory(w.device) as mem:
+        with BlockPeakMemory(w.device) as mem:
             if loop == "ours":
                 result = train(model, cfg, w.data)
                 setup, seconds = result.setup_time_s, result.train_time_s
