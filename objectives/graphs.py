@@ -182,8 +182,7 @@ class Captured:
 
     step: GraphedTrainStep | None
     reason: str  # "on: N buckets captured" or "off: <why>", as trials record it
-    estimate_mb: float | None = None  # estimated graph memory (before capture)
-    measured_mb: float | None = None  # device memory the capture took (CUDA only)
+    estimate_mb: float | None = None  # the graph memory the decision to capture was based on
 
 
 def activation_bytes(
@@ -314,7 +313,6 @@ def capture_train_step(
     steps = tuple(LossStep(model, parts, dtype) for _ in static)
     samples = tuple(_sample_batch(b, batch_size) for b in static)
     model.train()
-    before = _allocated(device)
     graphed, failure = _try_capture(capture, steps, samples)
     if failure is not None:
         # Only now, with the exception and its frames gone: the half-made graphs hold memory
@@ -324,10 +322,8 @@ def capture_train_step(
         release_memory(device)
         warnings.warn(f"CUDA graphs: {failure}; training eagerly", stacklevel=2)
         return Captured(None, f"off: {failure}", estimate_mb)
-    after = _allocated(device)
-    measured = None if before is None or after is None else round((after - before) / 2**20, 1)
     step = GraphedTrainStep(static, graphed, batch_size)
-    return Captured(step, f"on: {len(static)} buckets captured", estimate_mb, measured)
+    return Captured(step, f"on: {len(static)} buckets captured", estimate_mb)
 
 
 def _try_capture(capture: Capture, steps: tuple, samples: tuple) -> tuple[Sequence, str | None]:
@@ -339,13 +335,6 @@ def _try_capture(capture: Capture, steps: tuple, samples: tuple) -> tuple[Sequen
         return (), f"out of memory during capture ({first_line(e)[:160]})"
     except (RuntimeError, AssertionError) as e:
         return (), f"capture failed ({first_line(e)[:160]})"
-
-
-def _allocated(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    return torch.cuda.memory_allocated(device)
 
 
 def _sample_batch(b: StaticBucket, batch_size: int) -> tuple[torch.Tensor, ...]:

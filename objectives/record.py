@@ -125,11 +125,6 @@ class TrialRecord:
         return self.role == NEIGHBOUR
 
     @property
-    def yardstick(self) -> bool:
-        """The fixed full fine-tuning run every LoRA trial is compared with."""
-        return self.baseline and not self.neighbour
-
-    @property
     def label(self) -> str:
         """Short human name used in hover texts and findings."""
         return f"{self.study} #{self.number}"

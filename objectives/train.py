@@ -90,8 +90,6 @@ class RunSetup:
 
     setup_time_s: float  # weights to the device, CUDA graph capture, optimizer
     graphs: str  # "on: ..." when the step replays CUDA graphs, else "off: <why>"
-    graph_mem_estimate_mb: float | None = None  # the estimate the capture decision used
-    graph_mem_mb: float | None = None  # device memory the captured graphs took (measured)
 
 
 @dataclass
@@ -274,9 +272,7 @@ def _set_up(
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
     forward = make_forward(model, device, training_dropout(device, cfg.seed), parts)
     sync_device(device)
-    setup = RunSetup(
-        time.perf_counter() - t_setup, captured.reason, captured.estimate_mb, captured.measured_mb
-    )
+    setup = RunSetup(time.perf_counter() - t_setup, captured.reason)
     # In the order of `_Run`'s fields: what is trained, on what, and how.
     return _Run(
         model, cfg, data, train_split, steps_per_epoch, gen, dtype, scaler, forward,

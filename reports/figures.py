@@ -10,6 +10,7 @@ front and the full fine-tuning baseline beside them, which is the comparison the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial
@@ -88,6 +89,16 @@ def _baseline_line(fig: go.Figure, baseline: TrialRecord | None) -> None:
     )
 
 
+def _figure(
+    title: str, height: int | None, x_title: str, y_title: str | None = F1_TITLE, **layout: Any
+) -> go.Figure:
+    """An empty figure in the report's style, its title and axis titles set."""
+    fig = go.Figure(layout={"title": title, "template": "plotly_white", "height": height, **layout})
+    fig.update_xaxes(title=x_title)
+    fig.update_yaxes(title=y_title)
+    return fig
+
+
 def _empty(fig: go.Figure, message: str) -> go.Figure:
     fig.add_annotation(text=message, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
     return fig
@@ -152,14 +163,11 @@ def pareto_figure_from_records(records: Sequence[TrialRecord], cost: CostKey) ->
     title = "Pareto front: validation F1 against " + (
         "trainable parameters" if cost == "trainable_params" else "training time"
     )
-    fig = go.Figure(layout={"title": title, "template": "plotly_white", "height": 520})
+    fig = _figure(title, 520, COST_TITLES[cost])
     if cost == "trainable_params":
         # Parameter counts span LoRA (~1e5) to full fine-tuning (~1e8); "D2" keeps the minor
         # labels of a log axis to 2 and 5.
-        fig.update_xaxes(title=COST_TITLES[cost], type="log", dtick="D2")
-    else:
-        fig.update_xaxes(title=COST_TITLES[cost])
-    fig.update_yaxes(title=F1_TITLE)
+        fig.update_xaxes(type="log", dtick="D2")
     if not candidates and not groups["pruned"]:
         return _empty(fig, f"No COMPLETE trial with a validation F1 and {cost} yet.")
     for name, group in groups.items():
@@ -191,13 +199,12 @@ def importance_figure(result: ImportanceResult) -> go.Figure:
     for row in result.rows:
         if row.param not in order:
             order.append(row.param)
-    fig = go.Figure(
-        layout={
-            "title": f"Parameter importance for validation F1 ({result.n_trials} COMPLETE trials)",
-            "template": "plotly_white",
-            "barmode": "group",
-            "height": max(320, 90 + 60 * len(order)),
-        }
+    fig = _figure(
+        f"Parameter importance for validation F1 ({result.n_trials} COMPLETE trials)",
+        max(320, 90 + 60 * len(order)),
+        "Share of importance (normalised per evaluator)",
+        y_title=None,
+        barmode="group",
     )
     evaluators = list(dict.fromkeys(row.evaluator for row in result.rows))
     for evaluator in evaluators:
@@ -211,7 +218,6 @@ def importance_figure(result: ImportanceResult) -> go.Figure:
                 hovertemplate="%{y}: %{x:.3f}<extra>" + evaluator + "</extra>",
             )
         )
-    fig.update_xaxes(title="Share of importance (normalised per evaluator)")
     fig.update_yaxes(autorange="reversed")
     if not result.rows:
         return _empty(fig, "Importance not computed (see notes).")
@@ -220,11 +226,7 @@ def importance_figure(result: ImportanceResult) -> go.Figure:
 
 def history_figure(records: Sequence[TrialRecord]) -> go.Figure:
     """Validation F1 per trial number, the running best, pruned trials and the baseline line."""
-    fig = go.Figure(
-        layout={"title": "Optimisation history", "template": "plotly_white", "height": 460}
-    )
-    fig.update_xaxes(title="Trial number")
-    fig.update_yaxes(title=F1_TITLE)
+    fig = _figure("Optimisation history", 460, "Trial number")
     lora = [r for r in records if not r.baseline and r.val_f1 is not None]
     complete = [r for r in lora if r.complete]
     unfinished = [r for r in lora if not r.complete]
@@ -267,15 +269,8 @@ def history_figure(records: Sequence[TrialRecord]) -> go.Figure:
 
 def intermediate_figure(records: Sequence[TrialRecord]) -> go.Figure:
     """Validation F1 after each epoch, one line per trial; pruned trials stop where pruned."""
-    fig = go.Figure(
-        layout={
-            "title": "Validation F1 per epoch (intermediate values)",
-            "template": "plotly_white",
-            "height": 500,
-        }
-    )
-    fig.update_xaxes(title="Epoch", dtick=1)
-    fig.update_yaxes(title=F1_TITLE)
+    fig = _figure("Validation F1 per epoch (intermediate values)", 500, "Epoch")
+    fig.update_xaxes(dtick=1)
     styles = {
         "COMPLETE": ("COMPLETE", {"color": COLORS["trial"], "width": 1.5}),
         "PRUNED": ("PRUNED", {"color": COLORS["pruned"], "width": 1.2, "dash": "dot"}),
@@ -317,14 +312,13 @@ def per_class_figure(
 ) -> go.Figure:
     """Dumbbell chart of test F1 per class, LoRA's largest deficit against the baseline on top."""
     labels = [r.label for r in rows]
-    fig = go.Figure(
-        layout={
-            "title": f"Per-class test F1: best LoRA ({lora.label}) vs baseline ({baseline.label}),"
-            " sorted by difference",
-            "template": "plotly_white",
-            "height": max(400, 150 + 16 * len(rows)),
-            "hovermode": "y unified",
-        }
+    fig = _figure(
+        f"Per-class test F1: best LoRA ({lora.label}) vs baseline ({baseline.label}),"
+        " sorted by difference",
+        max(400, 150 + 16 * len(rows)),
+        "Test F1 of the class",
+        y_title=None,
+        hovermode="y unified",
     )
     segments_x: list[float | None] = []
     segments_y: list[str | None] = []
@@ -361,7 +355,7 @@ def per_class_figure(
                 hovertemplate=hover + "<extra></extra>",
             )
         )
-    fig.update_xaxes(title="Test F1 of the class", range=[-0.02, 1.02])
+    fig.update_xaxes(range=[-0.02, 1.02])
     fig.update_yaxes(autorange="reversed", tickfont={"size": 9}, dtick=1)
     return fig
 
@@ -370,7 +364,8 @@ def confusion_figure(confusion: Confusion, title: str) -> go.Figure:
     """Heatmap of the row-normalised test confusion matrix (counts in the hover)."""
     n = len(confusion.labels)
     size = max(450, min(1100, 200 + 11 * n))
-    fig = go.Figure(
+    fig = _figure(title, size, "Predicted label", "True label", width=size + 150)
+    fig.add_trace(
         go.Heatmap(
             z=row_normalised(confusion.counts),
             x=confusion.labels,
@@ -381,10 +376,9 @@ def confusion_figure(confusion: Confusion, title: str) -> go.Figure:
             zmax=1,
             colorbar={"title": "share of row"},
             hovertemplate="true %{y}<br>predicted %{x}<br>%{customdata} (%{z:.1%})<extra></extra>",
-        ),
-        layout={"title": title, "template": "plotly_white", "height": size, "width": size + 150},
+        )
     )
     tick_font = {"size": 7 if n > 30 else 10}
-    fig.update_xaxes(title="Predicted label", tickfont=tick_font, dtick=1)
-    fig.update_yaxes(title="True label", autorange="reversed", tickfont=tick_font, dtick=1)
+    fig.update_xaxes(tickfont=tick_font, dtick=1)
+    fig.update_yaxes(autorange="reversed", tickfont=tick_font, dtick=1)
     return fig

@@ -21,14 +21,13 @@ eager steps, or a speed target (`TARGETS`, for one H100/H200) is missed. Elsewhe
 says which of these it could not judge.
 
 Without an accelerator (or with `--tiny`) it runs a tiny version of the same plan, a 2-layer
-random BERT with the same tokenizer on a few examples per intent: every phase runs, nothing is
-fast. It needs neither plotly, matplotlib, optuna-dashboard nor datasets.
+random BERT with the same tokenizer on a few training examples per intent: every phase runs,
+nothing is fast. It needs neither plotly, matplotlib, optuna-dashboard nor datasets.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -92,12 +91,13 @@ TINY = replace(
     tiny=True,
     study_trials=3,
     study_epochs=2,
+    study_train_samples=308,  # a stratified 4 examples per intent of Banking77
+    bench_train_samples=308,
     bench_repeats=1,
     bench_warmup=0,
     workers_trials=4,
-    workers_train_samples=None,
+    workers_train_samples=308,
 )
-TINY_PER_INTENT = (4, 1)  # training and test examples per intent of the tiny data
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -138,30 +138,16 @@ def write_random_bert(tokenizer_dir: Path, out: Path, tiny: bool) -> Path:
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    size = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, **(size | {"intermediate_size": 64} if tiny else {})
-    )
+    tiny_size = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    }
+    config = BertConfig(vocab_size=tokenizer.vocab_size, **(tiny_size if tiny else {}))
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return out
-
-
-def write_tiny_data(data_dir: Path, out: Path, per_intent: tuple[int, int]) -> Path:
-    """The first few examples of every intent (training, test) in the same CSV layout."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, keep in (("train.csv", per_intent[0]), ("test.csv", per_intent[1])):
-        with open(data_dir / name, newline="", encoding="utf-8") as f:
-            rows, seen = [], {}
-            for row in csv.DictReader(f):
-                seen[row["category"]] = seen.get(row["category"], 0) + 1
-                if seen[row["category"]] <= keep:
-                    rows.append({"text": row["text"], "category": row["category"]})
-        with open(out / name, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=["text", "category"])
-            writer.writeheader()
-            writer.writerows(rows)
     return out
 
 
@@ -521,8 +507,6 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="device-check-") as tmp:
         work = Path(tmp)
         phase("environment", lambda: environment(device, plan))
-        if tiny:
-            data_dir = write_tiny_data(data_dir, work / "data", TINY_PER_INTENT)
         bert = write_random_bert(minilm, work / ("bert-tiny" if tiny else "bert-base"), tiny)
         study_model = bert if tiny else minilm
         phase("study", lambda: run_study(study_model, data_dir, out, work, device, plan))

@@ -45,26 +45,24 @@ class Recomputed:
     dtype: str
 
 
-def check_data(restored: Restored, data: IntentData, source: str) -> None:
-    """Refuse data other than the data the trial's metrics were measured on."""
-    info = restored.info
+def check_data(restored: Restored, data: IntentData, other: bool) -> None:
+    """Refuse data the model cannot be measured on (other intents) and, unless it is `other`
+    data on purpose, other validation or test texts than the trial's metrics come from."""
+    info, source = restored.info, data.source
     if tuple(data.label_names) != info.labels:
-        raise WinnersError(
-            f"the intents in {source} differ from the {len(info.labels)} the trial was trained on; "
-            "pass the --data-dir the study used"
+        trained = (
+            f"the intents in {source} differ from the {len(info.labels)} the trial was trained on"
         )
-    if heldout_fingerprint(data) != info.heldout_fingerprint:
+        why = (
+            ": the model cannot be measured on them"
+            if other
+            else "; pass the --data-dir the study used"
+        )
+        raise WinnersError(trained + why)
+    if not other and heldout_fingerprint(data) != info.heldout_fingerprint:
         raise WinnersError(
             f"the validation or test texts in {source} differ from those the trial was measured "
             "on; pass the --data-dir the study used"
-        )
-
-
-def check_labels(restored: Restored, data: IntentData, source: str) -> None:
-    if tuple(data.label_names) != restored.info.labels:
-        raise WinnersError(
-            f"the intents in {source} differ from the {len(restored.info.labels)} the trial was "
-            "trained on: the model cannot be measured on them"
         )
 
 
@@ -80,13 +78,7 @@ def evaluation_data(
     if given is not None:
         return given, recorded is not None and recipe.data_source(given) != recorded
     if recorded is not None:
-        folder = recipe.defaults(made_with)["data_dir"]
-        if folder is not None and not Path(folder).is_dir():
-            raise WinnersError(
-                f"study {study_name!r} was made with the data folder {folder}, which no longer "
-                "exists; pass --data-dir with the same Banking77 CSVs"
-            )
-        return folder, False
+        return recipe.recorded_data(made_with, study_name), False
     return resolve_data_dir(None), False
 
 
@@ -188,10 +180,7 @@ def evaluate_trial(
     made_with = recipe.load(storage_url, study_name) or recipe.load(storage_url, name)
     data_dir, other = evaluation_data(data_dir, made_with, study_name)
     data = load_data(data_dir)  # val and test do not depend on --max-train-samples
-    if other:  # another test set is the point: the model's intents must still match
-        check_labels(restored, data, data.source)
-    else:
-        check_data(restored, data, data.source)
+    check_data(restored, data, other)  # another test set may be the point, not other intents
     result = recompute(restored, data, split, device)
     r = TrialRecord.from_trial(trial, name)
     stored = {

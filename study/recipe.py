@@ -154,11 +154,17 @@ def merge(
                 f"{given[key]!r}: leave {flag} out to use the study's, or pass another "
                 "--study-name to start a new study"
             )
-    values.update(given)
-    data_dir = values.get("data_dir")
-    if "data_dir" not in given and data_dir and not Path(data_dir).is_dir():
+    if "data_dir" not in given:
+        recorded_data(recipe, study_name)
+    return {**values, **given}
+
+
+def recorded_data(recipe: Mapping[str, Any], study_name: str) -> str | None:
+    """The data folder the study was made with (None: the Hub); refused once it is gone."""
+    folder = defaults(recipe).get("data_dir")
+    if folder and not Path(folder).is_dir():
         raise ConfigError(
-            f"study {study_name!r} was made with the data folder {data_dir}, which no longer "
+            f"study {study_name!r} was made with the data folder {folder}, which no longer "
             "exists; pass --data-dir with the same Banking77 CSVs"
         )
-    return values
+    return folder

@@ -140,8 +140,8 @@ def test_device_check_runs_its_tiny_version_on_a_cpu_and_prints_every_figure(
     assert env["cpus"] == os.cpu_count() and env["hardware"].endswith("logical CPUs")
 
     study = doc["study"]
-    # 77 intents x 4 training examples, less the validation split (one per intent)
-    assert study["epochs"] == 2 and study["train_examples"] == 77 * 4 - 77
+    # the tiny plan: a stratified subsample of 4 training examples per intent
+    assert study["epochs"] == 2 and study["train_examples"] == 308
     assert [t["number"] for t in study["trials"]] == list(range(TINY.study_trials))
     assert study["states"] == {
         state: sum(t["state"] == state for t in study["trials"])
@@ -157,9 +157,12 @@ def test_device_check_runs_its_tiny_version_on_a_cpu_and_prints_every_figure(
     }
     for t in study["trials"] + study["baseline"]:
         assert 0.0 <= t["val_f1"] <= 1.0 and 1 <= t["epochs_run"] <= 2, t
-        assert t["train_time_s"] > 0 and t["setup_time_s"] >= 0 and t["peak_mem_mb"] > 0, t
+        assert t["train_time_s"] > 0 and t["setup_time_s"] >= 0 and t["fail_reason"] is None, t
         assert t["device"] == "cpu" and t["cuda_graphs"] == "off: no CUDA graphs on cpu"
-        assert (t["test_f1"] is not None) == (t["state"] == "COMPLETE") and t["fail_reason"] is None
+        if t["state"] == "COMPLETE":  # measured on the test split, at the end: COMPLETE only
+            assert 0.0 <= t["test_f1"] <= 1.0 and t["peak_mem_mb"] > 0, t
+        else:
+            assert t["state"] == "PRUNED" and t["test_f1"] is t["peak_mem_mb"] is None, t
     for t in study["trials"]:
         assert set(t["params"]) == {"lora_r", "learning_rate", "lr_scheduler"}
     memory = study["memory"]
