@@ -150,6 +150,11 @@ def device_bf16_supported(device: torch.device) -> bool:
     return False
 
 
+def compute_dtype(device: torch.device, mixed_precision: bool) -> torch.dtype:
+    """The autocast dtype a run uses on `device`: training, the bench, evaluation, prediction."""
+    return autocast_dtype(device.type, mixed_precision, device_bf16_supported(device))
+
+
 # ----------------------------------------------------------------------------- memory
 
 

@@ -41,12 +41,7 @@ from objectives.batching import (
     rows_to_device,
 )
 from objectives.config import TrainConfig
-from objectives.device import (
-    StepPeakMemory,
-    autocast_dtype,
-    device_bf16_supported,
-    sync_device,
-)
+from objectives.device import StepPeakMemory, compute_dtype, sync_device
 from objectives.embedding_rows import UsedRows
 from objectives.evaluation import evaluate, make_forward, predict
 from objectives.fastbert import BertParts, DropFn, MaskSource, bert_parts, torch_dropout
@@ -252,7 +247,7 @@ def _set_up(
         torch.cuda.set_device(device)  # capture and its streams work on the current device
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    dtype = autocast_dtype(device.type, cfg.mixed_precision, device_bf16_supported(device))
+    dtype = compute_dtype(device, cfg.mixed_precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     memory = StepPeakMemory(device)
 

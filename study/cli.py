@@ -388,15 +388,11 @@ def _baseline(args: argparse.Namespace) -> int:
 
 def _load_trials(url: str, name: str) -> list[FrozenTrial]:
     """The trials of study `name` in `url`, or none when it does not exist."""
-    import optuna
-
     from storage import get_storage
+    from study.studies import study_or_none
 
-    try:
-        study = optuna.load_study(study_name=name, storage=get_storage(url, None, create=False))
-    except KeyError:
-        return []
-    return study.get_trials(deepcopy=False)
+    study = study_or_none(get_storage(url, None, create=False), name)
+    return study.get_trials(deepcopy=False) if study is not None else []
 
 
 def _print_comparison(
@@ -438,20 +434,16 @@ def _confirm(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import optuna
-
     from storage import get_storage
-    from study.studies import load_studies
+    from study.studies import load_studies, study_or_none
 
     _settle(args)
     storage = get_storage(args.storage, create=False)
     study, baseline = load_studies(storage, args.study_name)
     from reports.write import write_reports
-    from study.confirm import confirm_name
+    from study.config import CONFIRM_SUFFIX
 
-    confirm = None
-    if confirm_name(args.study_name) in optuna.get_all_study_names(storage):
-        confirm = optuna.load_study(study_name=confirm_name(args.study_name), storage=storage)
+    confirm = study_or_none(storage, args.study_name + CONFIRM_SUFFIX)
     out = Path(args.out or f"artifacts/reports/{args.study_name}")
     written = write_reports(study, baseline, out, confirm)
     print(f"wrote {len(written)} files to {out}; open {out / 'index.html'}")

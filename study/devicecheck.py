@@ -227,10 +227,10 @@ def environment(device: torch.device, plan: Plan) -> dict[str, Any]:
     import torch
     import transformers
 
-    from objectives.device import autocast_dtype, cuda_device_count, device_bf16_supported
+    from objectives.device import compute_dtype, cuda_device_count
     from study.bench.hardware import hardware
 
-    dtype = autocast_dtype(device.type, True, device_bf16_supported(device))
+    dtype = compute_dtype(device, True)
     env: dict[str, Any] = {
         "device": str(device),
         "hardware": hardware(device),

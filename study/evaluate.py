@@ -21,11 +21,11 @@ import torch
 from objectives.batching import prepare_split
 from objectives.config import resolve_data_dir
 from objectives.data import IntentData, encode, load_data
-from objectives.device import detect_device
+from objectives.device import compute_dtype, detect_device
 from objectives.evaluation import predict
 from objectives.metrics import accuracy, confusion_matrix, macro_f1, per_class
 from objectives.record import TrialRecord
-from objectives.weights import Restored, atomic_folder, inference_dtype
+from objectives.weights import Restored, atomic_folder
 from study import recipe
 from study.keeper import heldout_fingerprint
 from study.restore import WinnersError, restore_trial, trial_summary
@@ -89,7 +89,7 @@ def recompute(restored: Restored, data: IntentData, split: str, device: torch.de
     info = restored.info
     encoded = encode(data, restored.tokenizer, info.max_length)
     prepared = prepare_split(getattr(encoded, split), encoded.pad_token_id, device)
-    dtype = inference_dtype(device, info.mixed_precision)
+    dtype = compute_dtype(device, info.mixed_precision)
     preds = predict(restored.model.to(device), prepared, dtype)
     n = len(info.labels)
     return Recomputed(

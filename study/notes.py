@@ -206,17 +206,14 @@ class DashboardNotes:
         self.refresh(study)
 
     def refresh(self, study: optuna.Study) -> None:
+        from study.studies import study_or_none
+
         try:
-            confirm = self._load(study.study_name + CONFIRM_SUFFIX)
-            publish(study, self._load(self.baseline_name), self.baseline_name, confirm)
+            confirm = study_or_none(self.storage, study.study_name + CONFIRM_SUFFIX)
+            baseline = study_or_none(self.storage, self.baseline_name)
+            publish(study, baseline, self.baseline_name, confirm)
         except Exception as e:  # noqa: BLE001 - see the class docstring
             print(f"warning: could not update the dashboard note: {e}", file=sys.stderr)
-
-    def _load(self, name: str) -> optuna.Study | None:
-        try:
-            return optuna.load_study(study_name=name, storage=self.storage)
-        except KeyError:
-            return None
 
 
 def publish(

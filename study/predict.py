@@ -150,11 +150,10 @@ def run_predict(
     if top_k < 1:
         raise PredictError(f"--top-k must be a positive number, got {top_k}")
     folder = _model_folder(model_dir)
-    from objectives.device import detect_device
-    from objectives.weights import inference_dtype
+    from objectives.device import compute_dtype, detect_device
 
     device = detect_device(device_name)
     model, tokenizer = load_exported(folder)
     return top_intents(
-        model, tokenizer, texts, device, inference_dtype(device, mixed_precision), top_k
+        model, tokenizer, texts, device, compute_dtype(device, mixed_precision), top_k
     )

@@ -94,14 +94,17 @@ def load_studies(
         raise ConfigError(
             f"no study named {name!r} in this storage; it has: {', '.join(names) or 'no studies'}"
         )
-    baseline_name = name + BASELINE_SUFFIX
-    baseline = (
-        optuna.load_study(study_name=baseline_name, storage=storage)
-        if baseline_name in names
-        else None
-    )
     study = optuna.load_study(study_name=name, storage=storage)
+    baseline = study_or_none(storage, name + BASELINE_SUFFIX)
     for made in (study, baseline):
         if made is not None:
             recipe.read(made)  # a study made by an older version is refused here
     return study, baseline
+
+
+def study_or_none(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study | None:
+    """Study `name` of the storage, or None when it has none of that name."""
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None

@@ -15,13 +15,7 @@ from typing import Any
 import torch
 
 from objectives.config import TrainConfig
-from objectives.device import (
-    autocast_dtype,
-    cuda_device_count,
-    detect_device,
-    device_bf16_supported,
-    release_memory,
-)
+from objectives.device import compute_dtype, cuda_device_count, detect_device, release_memory
 from objectives.evaluation import evaluate
 from objectives.model import build_model
 from objectives.train import train
@@ -119,9 +113,7 @@ def _run(w: Workload, loop: str, seed: int) -> Run:
                 ref = train_reference(model, cfg, w.encoded.train, w.tokenizer, w.device)
                 setup, seconds = ref.setup_time_s, ref.train_time_s
         if loop != "ours":
-            dtype = autocast_dtype(
-                w.device.type, w.cfg.mixed_precision, device_bf16_supported(w.device)
-            )
+            dtype = compute_dtype(w.device, w.cfg.mixed_precision)
             f1 = evaluate(model, w.data.val, w.data.num_labels, dtype).f1
         epochs = w.cfg.epochs
         return Run(
