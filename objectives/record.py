@@ -70,7 +70,8 @@ class Attr:
 
 @dataclass(frozen=True)
 class TrialRecord:
-    """One trial of either study, with the attributes the reports use, `None` where unknown."""
+    """One trial of either study, with the attributes the reports use, `None` where unknown.
+    The fields read from user attributes mean what `Attr` says of them."""
 
     study: str
     number: int
@@ -87,34 +88,30 @@ class TrialRecord:
     trainable_params: int | None = None
     total_params: int | None = None
     trainable_share_pct: float | None = None
-    train_time_s: float | None = None  # the epochs, evaluation excluded (the trial attribute)
-    setup_time_s: float | None = None  # before the first epoch: device copy, graph capture, ...
-    # The time a user waits for the training, setup + epochs: the Pareto time axis and the time
-    # of the baseline ratio.
+    train_time_s: float | None = None
+    setup_time_s: float | None = None
+    # What a user waits for the training, setup + epochs: the Pareto time axis and the time of
+    # the baseline ratio.
     wait_time_s: float | None = None
     epochs_run: int | None = None
     max_epochs: int | None = None
     best_epoch: int | None = None
     intermediate: Mapping[int, float] = field(default_factory=dict)
     fail_reason: str | None = None
-    # Baseline study only: "fixed" (the yardstick) or "neighbour"
-    # (the fixed configuration at lr_factor x its learning rate, `baseline --sensitivity`).
     role: str | None = None
     lr_factor: float | None = None
     # The load a trial trained under: its times compare only with trials under the same load.
     device: str | None = None
     concurrent_trials: int | None = None
     torch_threads: int | None = None
-    model: str | None = None  # Hub id or folder, as given
+    model: str | None = None
     seed: int | None = None
     peak_mem_mb: float | None = None
-    artifact_id: str | None = None  # its kept weights in the artifact store, if any
-    cuda_graphs: str | None = None  # "on: ..." or "off: <why>"
-    # COMPLETE trials: the test split's labels and predictions (`objectives.predictions`), for
-    # the paired comparisons of two trials, and the number of label names of the data.
+    artifact_id: str | None = None
+    cuda_graphs: str | None = None
     test_labels: str | None = field(default=None, repr=False)
     test_predictions: str | None = field(default=None, repr=False)
-    num_labels: int | None = None
+    num_labels: int | None = None  # how many label names `Attr.LABELS` holds
 
     @property
     def complete(self) -> bool:

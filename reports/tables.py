@@ -78,18 +78,21 @@ def summary_columns(records: Sequence[TrialRecord]) -> list[str]:
     return [*SUMMARY_HEAD, *params.values(), *SUMMARY_TAIL]
 
 
+def _row(
+    r: TrialRecord, head: Sequence[str], names: Sequence[str], tail: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The record's `head` columns, its parameters (None where missing), its `tail` columns."""
+    fields = {"study": r.study, "trial": r.number}
+    row = {c: fields[c] if c in fields else getattr(r, c) for c in head}
+    params = _param_columns(names, (*head, *tail))
+    row.update({column: r.params.get(name) for name, column in params.items()})
+    row.update({c: getattr(r, c) for c in tail})
+    return row
+
+
 def summary_row(record: TrialRecord, names: Sequence[str]) -> dict[str, Any]:
     """One summary row; `names` are all parameter names of the report (missing ones are None)."""
-    params = _param_columns(names, SUMMARY_HEAD + SUMMARY_TAIL)
-    row: dict[str, Any] = {
-        "study": record.study,
-        "trial": record.number,
-        "state": record.state,
-        "mode": record.mode,
-    }
-    row.update({column: record.params.get(name) for name, column in params.items()})
-    row.update({column: getattr(record, column) for column in SUMMARY_TAIL})
-    return row
+    return _row(record, SUMMARY_HEAD, names, SUMMARY_TAIL)
 
 
 def summary_rows(records: Sequence[TrialRecord]) -> list[dict[str, Any]]:
@@ -164,22 +167,7 @@ def pareto_front(records: Sequence[TrialRecord], cost: CostKey) -> list[TrialRec
 
 def pareto_rows(front: Sequence[TrialRecord], names: Sequence[str]) -> list[dict[str, Any]]:
     """pareto_*.csv rows: the contract's columns, then the trial's parameters."""
-    params = _param_columns(names, PARETO_HEAD)
-    rows = []
-    for r in front:
-        row: dict[str, Any] = {
-            "study": r.study,
-            "trial": r.number,
-            "val_f1": r.val_f1,
-            "test_f1": r.test_f1,
-            "trainable_params": r.trainable_params,
-            "train_time_s": r.train_time_s,
-            "wait_time_s": r.wait_time_s,
-            "mode": r.mode,
-        }
-        row.update({column: r.params.get(name) for name, column in params.items()})
-        rows.append(row)
-    return rows
+    return [_row(r, PARETO_HEAD, names) for r in front]
 
 
 def pareto_columns(names: Sequence[str]) -> list[str]:

@@ -28,8 +28,8 @@ from scipy import stats
 
 from objectives.predictions import decode_labels
 from objectives.record import TrialRecord
+from reports.confirm import LEVEL  # the one 95% level of every interval the reports give
 
-LEVEL = 0.95
 ALPHA = 0.05
 N_RESAMPLES = 9999
 SEED = 0  # the bootstrap's own seed: a report gives the same interval every time it is written

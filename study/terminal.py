@@ -3,8 +3,8 @@ reference's columns, the comparison's checks, and the seed repeats of `confirm`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from optuna.trial import FrozenTrial
 
@@ -19,25 +19,30 @@ TRIAL_COLUMNS = (
 )  # fmt: skip
 
 
-def trial_row(r: TrialRecord) -> list[str]:
-    """A trial's cells in `TRIAL_COLUMNS` order, "-" where unknown."""
-    p = r.params
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
 
-    def num(value: float | None, fmt: str) -> str:
-        return "-" if value is None else format(value, fmt)
 
+def _setting_cells(mode: str | None, p: Mapping[str, Any], counts: Sequence[Any]) -> list[str]:
+    """What was trained, in the first seven `TRIAL_COLUMNS`; `counts`: trainable parameters,
+    total parameters, trainable share (%)."""
+    trainable, total, share = counts
     return [
-        r.mode or "-",
+        mode or "-",
         str(p.get("lora_r", "-")),
         format(p["learning_rate"], ".2e") if "learning_rate" in p else "-",
         str(p.get("lr_scheduler", "-")),
-        num(r.trainable_params, ","),
-        num(r.total_params, ","),
-        num(r.trainable_share_pct, ".2f"),
-        num(r.train_time_s, ".1f"),
-        num(r.val_f1, ".4f"),
-        num(r.test_f1, ".4f"),
+        _num(trainable, ","),
+        _num(total, ","),
+        _num(share, ".2f"),
     ]
+
+
+def trial_row(r: TrialRecord) -> list[str]:
+    """A trial's cells in `TRIAL_COLUMNS` order, "-" where unknown."""
+    counts = (r.trainable_params, r.total_params, r.trainable_share_pct)
+    cells = [_num(r.train_time_s, ".1f"), _num(r.val_f1, ".4f"), _num(r.test_f1, ".4f")]
+    return [*_setting_cells(r.mode, r.params, counts), *cells]
 
 
 def format_table(comparison: Comparison, lora: Sequence[TrialRecord], top: int = 5) -> str:
@@ -89,23 +94,17 @@ def format_confirm_table(trials: Sequence[FrozenTrial]) -> str:
     if not configs:
         return "no COMPLETE confirmation run yet"
     columns = ("source", "seeds", *TRIAL_COLUMNS)
-    rows = []
-    for c in configs:
-        p = c.params
-        rows.append(
-            [
-                f"{c.source_study}#{c.source_trial}",
-                str(len(c.seeds)),
-                c.mode,
-                str(p.get("lora_r", "-")),
-                format(p["learning_rate"], ".2e") if "learning_rate" in p else "-",
-                str(p.get("lr_scheduler", "-")),
-                format(c.trainable_params, ",") if c.trainable_params is not None else "-",
-                format(c.total_params, ",") if c.total_params is not None else "-",
-                format(c.trainable_share_pct, ".2f") if c.trainable_share_pct is not None else "-",
-                _pm(c.train_time_s, ".1f"),
-                _pm(c.val_f1, ".4f"),
-                _pm(c.test_f1, ".4f"),
-            ]
-        )
+    rows = [
+        [
+            f"{c.source_study}#{c.source_trial}",
+            str(len(c.seeds)),
+            *_setting_cells(
+                c.mode, c.params, (c.trainable_params, c.total_params, c.trainable_share_pct)
+            ),
+            _pm(c.train_time_s, ".1f"),
+            _pm(c.val_f1, ".4f"),
+            _pm(c.test_f1, ".4f"),
+        ]
+        for c in configs
+    ]
     return aligned(columns, rows) + "\n" + verdict(configs).text
