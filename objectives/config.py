@@ -85,5 +85,5 @@ SENSITIVITY_FACTORS = (1 / 3, 3.0)
 
 
 def is_neighbour(user_attrs: Mapping[str, Any]) -> bool:
-    """A sensitivity run of the baseline study (trials from before roles count as fixed)."""
+    """A sensitivity run of the baseline study."""
     return user_attrs.get(ROLE_ATTR) == NEIGHBOUR

@@ -150,6 +150,11 @@ def device_bf16_supported(device: torch.device) -> bool:
     return False
 
 
+def compute_dtype(device: torch.device, mixed_precision: bool) -> torch.dtype:
+    """The autocast dtype a run uses on `device`: training, the bench, evaluation, prediction."""
+    return autocast_dtype(device.type, mixed_precision, device_bf16_supported(device))
+
+
 # ----------------------------------------------------------------------------- memory
 
 
@@ -158,7 +163,7 @@ def maxrss_mb(ru_maxrss: int, system: str) -> float:
     return ru_maxrss / (2**20 if system == "darwin" else 2**10)
 
 
-class PeakMemory:
+class StepPeakMemory:
     """The peak memory of one run on its device, in MiB.
 
     CUDA counts its own peak (`max_memory_allocated`, reset when the run starts). MPS has no peak
@@ -219,13 +224,21 @@ def release_memory(device: torch.device) -> None:
 
     gc.collect()
     if device.type == "cuda":
-        clear_cublas = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-        if clear_cublas is not None:
-            torch.cuda.synchronize(device)
-            clear_cublas()
+        clear_cublas_workspaces(device)
         torch.cuda.empty_cache()
     elif device.type == "mps":
         torch.mps.empty_cache()
+
+
+def clear_cublas_workspaces(device: torch.device | None = None) -> None:
+    """Free cuBLAS's per-stream workspaces (torch's private call, which its cudagraph trees use)
+    once the work queued on `device` (the current one by default) is done."""
+    import torch
+
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        torch.cuda.synchronize(device)
+        clear()
 
 
 def sync_device(device: torch.device) -> None:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from objectives.device import clear_cublas_workspaces, release_memory
 from objectives.errors import first_line
 from objectives.fastbert import BertParts, bert_logits, torch_dropout
 
@@ -181,8 +182,7 @@ class Captured:
 
     step: GraphedTrainStep | None
     reason: str  # "on: N buckets captured" or "off: <why>", as trials record it
-    estimate_mb: float | None = None  # estimated graph memory (before capture)
-    measured_mb: float | None = None  # device memory the capture took (CUDA only)
+    estimate_mb: float | None = None  # the graph memory the decision to capture was based on
 
 
 def activation_bytes(
@@ -313,41 +313,28 @@ def capture_train_step(
     steps = tuple(LossStep(model, parts, dtype) for _ in static)
     samples = tuple(_sample_batch(b, batch_size) for b in static)
     model.train()
-    before = _allocated(device)
-    failure = None
-    try:
-        graphed = capture(steps, samples)
-    except torch.OutOfMemoryError as e:
-        failure = f"out of memory during capture ({first_line(e)[:160]})"
-    except (RuntimeError, AssertionError) as e:  # capture refused: train eagerly instead
-        failure = f"capture failed ({first_line(e)[:160]})"
+    graphed, failure = _try_capture(capture, steps, samples)
     if failure is not None:
         # Only now, with the exception and its frames gone: the half-made graphs hold memory
         # through the patched forwards until the forwards are restored and garbage collected.
         _uncapture(steps)
         del steps, samples
-        _collect(device)
+        release_memory(device)
         warnings.warn(f"CUDA graphs: {failure}; training eagerly", stacklevel=2)
         return Captured(None, f"off: {failure}", estimate_mb)
-    after = _allocated(device)
-    measured = None if before is None or after is None else round((after - before) / 2**20, 1)
     step = GraphedTrainStep(static, graphed, batch_size)
-    return Captured(step, f"on: {len(static)} buckets captured", estimate_mb, measured)
+    return Captured(step, f"on: {len(static)} buckets captured", estimate_mb)
 
 
-def _allocated(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    return torch.cuda.memory_allocated(device)
-
-
-def _collect(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+def _try_capture(capture: Capture, steps: tuple, samples: tuple) -> tuple[Sequence, str | None]:
+    """(graphed callables, None), or ((), why) when capture ran out of memory or was refused
+    (then the loop trains eagerly instead)."""
+    try:
+        return capture(steps, samples), None
+    except torch.OutOfMemoryError as e:
+        return (), f"out of memory during capture ({first_line(e)[:160]})"
+    except (RuntimeError, AssertionError) as e:
+        return (), f"capture failed ({first_line(e)[:160]})"
 
 
 def _sample_batch(b: StaticBucket, batch_size: int) -> tuple[torch.Tensor, ...]:
@@ -363,7 +350,7 @@ def _make_graphed_callables(steps, samples):
     # cuBLAS workspaces are cleared around the captures (as torch's cudagraph trees do), so a
     # workspace a graph needs is allocated inside that graph's pool and dies with it, instead
     # of an earlier trial's workspace being reused from inside a graph or kept forever.
-    _clear_cublas_workspaces()
+    clear_cublas_workspaces()
     try:
         return [
             torch.cuda.make_graphed_callables(
@@ -372,11 +359,4 @@ def _make_graphed_callables(steps, samples):
             for step, sample in zip(steps, samples, strict=True)
         ]
     finally:
-        _clear_cublas_workspaces()
-
-
-def _clear_cublas_workspaces() -> None:
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # private, but torch's own
-    if clear is not None:
-        torch.cuda.synchronize()
-        clear()
+        clear_cublas_workspaces()

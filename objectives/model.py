@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-# At import, not in the first LoRA trial: loading peft takes seconds, and a Ctrl-C landing in it
-# (inside a dataclass's generated code) made CPython exit -2 instead of our 130.
+# At import, not in the first LoRA trial: loading peft takes seconds, and a Ctrl-C landing inside
+# that import (in a dataclass's generated code) would end Python with -2 instead of exit code 130.
 from peft import LoraConfig, TaskType, get_peft_model
 from torch import nn
 
@@ -50,7 +50,7 @@ def load_pretrained(name: str, label_names: list[str]) -> tuple[nn.Module, Any]:
             label2id={n: i for i, n in enumerate(label_names)},
             ignore_mismatched_sizes=True,  # a checkpoint's own head is replaced anyway
             attn_implementation="sdpa",
-            dtype=torch.float32,  # weights shipped in bf16 (the device carry) train in fp32
+            dtype=torch.float32,  # a checkpoint saved in bf16 still trains in fp32
         )
     except (OSError, ValueError) as e:
         raise ModelLoadError(

@@ -284,7 +284,6 @@ class BaselineObjective:
         return run_trial(trial, cfg, self.ctx, prune=False)
 
 
-def _run_of(trial: optuna.trial.FrozenTrial) -> tuple[str, float]:
-    """(role, learning-rate factor) of a baseline-study trial; trials from before roles: fixed."""
-    role = trial.user_attrs.get(Attr.ROLE, FIXED)
-    return role, float(trial.user_attrs.get(Attr.LR_FACTOR, 1.0)) if role != FIXED else 1.0
+def _run_of(trial: optuna.trial.FrozenTrial) -> tuple[str | None, float | None]:
+    """(role, learning-rate factor) of a baseline-study trial, as it records them when it starts."""
+    return trial.user_attrs.get(Attr.ROLE), trial.user_attrs.get(Attr.LR_FACTOR)

@@ -7,9 +7,10 @@ best trial": COMPLETE, highest validation F1 (never test F1: the test split choo
 the earliest on ties as with Optuna's `best_trial`, and in a baseline study never a
 learning-rate neighbour (the fixed run is the yardstick).
 
-Trials come from two studies and from any age of the code, so every attribute may be missing,
-null, non-finite or of an unexpected type: `from_trial` turns all of those into `None` instead of
-raising (a report shows an empty cell, never crashes on an odd trial).
+A trial still running, or one that failed, lacks the attributes of what it did not reach, and a
+value may be null, non-finite or of an unexpected type (an edit in optuna-dashboard, say):
+`from_trial` turns all of those into `None` instead of raising (a report shows an empty cell,
+never crashes on an odd trial).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from objectives.config import FIXED, LR_FACTOR_ATTR, NEIGHBOUR, ROLE_ATTR
+from objectives.config import LR_FACTOR_ATTR, NEIGHBOUR, ROLE_ATTR
 
 
 class Attr:
@@ -69,7 +70,8 @@ class Attr:
 
 @dataclass(frozen=True)
 class TrialRecord:
-    """One trial of either study, with the attributes the reports use, `None` where unknown."""
+    """One trial of either study, with the attributes the reports use, `None` where unknown.
+    The fields read from user attributes mean what `Attr` says of them."""
 
     study: str
     number: int
@@ -86,29 +88,30 @@ class TrialRecord:
     trainable_params: int | None = None
     total_params: int | None = None
     trainable_share_pct: float | None = None
-    train_time_s: float | None = None  # the epochs, evaluation excluded (the trial attribute)
-    setup_time_s: float | None = None  # before the first epoch: device copy, graph capture, ...
-    # The time a user waits for the training, setup + epochs: the Pareto time axis and the time
-    # of the baseline ratio; trials from before `setup_time_s` existed count their epochs.
+    train_time_s: float | None = None
+    setup_time_s: float | None = None
+    # What a user waits for the training, setup + epochs: the Pareto time axis and the time of
+    # the baseline ratio.
     wait_time_s: float | None = None
     epochs_run: int | None = None
     max_epochs: int | None = None
     best_epoch: int | None = None
     intermediate: Mapping[int, float] = field(default_factory=dict)
     fail_reason: str | None = None
-    # Baseline study only: "fixed" (the yardstick; also trials from before roles) or "neighbour"
-    # (the fixed configuration at lr_factor x its learning rate, `baseline --sensitivity`).
     role: str | None = None
     lr_factor: float | None = None
     # The load a trial trained under: its times compare only with trials under the same load.
     device: str | None = None
     concurrent_trials: int | None = None
     torch_threads: int | None = None
-    model: str | None = None  # Hub id or folder, as given
+    model: str | None = None
     seed: int | None = None
     peak_mem_mb: float | None = None
-    artifact_id: str | None = None  # its kept weights in the artifact store, if any
-    cuda_graphs: str | None = None  # "on: ..." or "off: <why>"
+    artifact_id: str | None = None
+    cuda_graphs: str | None = None
+    test_labels: str | None = field(default=None, repr=False)
+    test_predictions: str | None = field(default=None, repr=False)
+    num_labels: int | None = None  # how many label names `Attr.LABELS` holds
 
     @property
     def complete(self) -> bool:
@@ -117,11 +120,6 @@ class TrialRecord:
     @property
     def neighbour(self) -> bool:
         return self.role == NEIGHBOUR
-
-    @property
-    def yardstick(self) -> bool:
-        """The fixed full fine-tuning run every LoRA trial is compared with."""
-        return self.baseline and not self.neighbour
 
     @property
     def label(self) -> str:
@@ -133,61 +131,24 @@ class TrialRecord:
         """One trial of study `study` (`baseline`: of the full fine-tuning baseline study);
         never raises on missing or malformed user attributes."""
         attrs = trial.user_attrs
-        intermediate = {
-            int(step): v
-            for step, raw in sorted(trial.intermediate_values.items())
-            if (v := as_float(raw)) is not None
-        }
-
+        values = {name: read(attrs.get(_KEYS.get(name, name))) for name, read in _READ.items()}
+        # A COMPLETE trial's value is its objective; an unfinished one's the best it reported.
         val_f1 = _objective_value(trial) if trial.state == TrialState.COMPLETE else None
-        if val_f1 is None:
-            val_f1 = as_float(attrs.get(Attr.VAL_F1))
-        if val_f1 is None and trial.state != TrialState.COMPLETE and intermediate:
-            # A pruned or running trial's best so far is the best F1 it reported per epoch.
-            val_f1 = max(intermediate.values())
-
-        trainable = as_int(attrs.get(Attr.TRAINABLE_PARAMS))
-        total = as_int(attrs.get(Attr.TOTAL_PARAMS))
-        share = as_float(attrs.get(Attr.TRAINABLE_SHARE_PCT))
-        if share is None and trainable is not None and total:
-            share = 100.0 * trainable / total
-
-        epochs_run = as_int(attrs.get(Attr.EPOCHS_RUN))
-        if epochs_run is None and intermediate:
-            epochs_run = len(intermediate)
-
+        train, setup = values["train_time_s"], values["setup_time_s"]
         return cls(
             study=study,
             number=trial.number,
             state=trial.state.name,
             baseline=baseline,
-            mode=_as_str(attrs.get(Attr.MODE)),
             params=dict(trial.params),
-            val_f1=val_f1,
-            test_f1=as_float(attrs.get(Attr.TEST_F1)),
-            val_accuracy=as_float(attrs.get(Attr.VAL_ACCURACY)),
-            test_accuracy=as_float(attrs.get(Attr.TEST_ACCURACY)),
-            trainable_params=trainable,
-            total_params=total,
-            trainable_share_pct=share,
-            train_time_s=as_float(attrs.get(Attr.TRAIN_TIME_S)),
-            setup_time_s=as_float(attrs.get(Attr.SETUP_TIME_S)),
-            wait_time_s=wait_time_s(attrs),
-            epochs_run=epochs_run,
-            max_epochs=as_int(attrs.get(Attr.MAX_EPOCHS)),
-            best_epoch=as_int(attrs.get(Attr.BEST_EPOCH)),
-            intermediate=intermediate,
-            fail_reason=_as_str(attrs.get(Attr.FAIL_REASON)),
-            role=_as_str(attrs.get(Attr.ROLE)) or (FIXED if baseline else None),
-            lr_factor=as_float(attrs.get(Attr.LR_FACTOR)) or (1.0 if baseline else None),
-            device=_as_str(attrs.get(Attr.DEVICE)),
-            concurrent_trials=as_int(attrs.get(Attr.CONCURRENT_TRIALS)),
-            torch_threads=as_int(attrs.get(Attr.TORCH_THREADS)),
-            model=_as_str(attrs.get(Attr.MODEL)),
-            seed=as_int(attrs.get(Attr.SEED)),
-            peak_mem_mb=as_float(attrs.get(Attr.PEAK_MEM_MB)),
-            artifact_id=_as_str(attrs.get(Attr.ARTIFACT_ID)),
-            cuda_graphs=_as_str(attrs.get(Attr.CUDA_GRAPHS)),
+            val_f1=as_float(attrs.get(Attr.VAL_F1)) if val_f1 is None else val_f1,
+            wait_time_s=None if train is None or setup is None else setup + train,
+            intermediate={
+                int(step): v
+                for step, raw in sorted(trial.intermediate_values.items())
+                if (v := as_float(raw)) is not None
+            },
+            **values,
         )
 
 
@@ -214,15 +175,26 @@ def _as_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def wait_time_s(attrs: Mapping[str, Any]) -> float | None:
-    """Seconds a user waited for a trial's training: `setup_time_s` + `train_time_s`.
-
-    None without a training time; a missing setup time (older trials) counts as 0.
-    """
-    train = as_float(attrs.get(Attr.TRAIN_TIME_S))
-    if train is None:
-        return None
-    return train + (as_float(attrs.get(Attr.SETUP_TIME_S)) or 0.0)
+# The TrialRecord fields read from the user attribute of the same name (or `_KEYS`'s), by type.
+_STRINGS = (
+    "mode", "fail_reason", "role", "device", "model", "artifact_id", "cuda_graphs",
+    "test_labels", "test_predictions",
+)  # fmt: skip
+_FLOATS = (
+    "test_f1", "val_accuracy", "test_accuracy", "trainable_share_pct", "train_time_s",
+    "setup_time_s", "lr_factor", "peak_mem_mb",
+)  # fmt: skip
+_INTS = (
+    "trainable_params", "total_params", "epochs_run", "max_epochs", "best_epoch", "seed",
+    "concurrent_trials", "torch_threads",
+)  # fmt: skip
+_READ = {
+    **dict.fromkeys(_STRINGS, _as_str),
+    **dict.fromkeys(_FLOATS, as_float),
+    **dict.fromkeys(_INTS, as_int),
+    "num_labels": lambda names: len(names) if isinstance(names, list) else None,
+}
+_KEYS = {"role": Attr.ROLE, "num_labels": Attr.LABELS}
 
 
 def _objective_value(trial: FrozenTrial) -> float | None:
@@ -267,6 +239,6 @@ def neighbour_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     return [by_number[r.number] for r in ordered]
 
 
-def state_counts(trials: Iterable[FrozenTrial]) -> Counter[TrialState]:
-    """How many trials are in each state."""
-    return Counter(t.state for t in trials)
+def count_states(trials: Iterable[FrozenTrial]) -> Counter[str]:
+    """How many trials are in each state, by the state's name (COMPLETE, PRUNED, ...)."""
+    return Counter(t.state.name for t in trials)

@@ -1,7 +1,8 @@
 """The search space: which `TrainConfig` fields a trial samples, and over what.
 
-The default space is the issue's: `lora_r` 4..64 (log), `learning_rate` 5e-5..5e-3 (log) and
-`lr_scheduler` in {linear, cosine, constant}. `extended` adds the other LoRA and optimiser knobs.
+The default space samples what decides LoRA's cost and quality: `lora_r` 4..64 (log),
+`learning_rate` 5e-5..5e-3 (log) and `lr_scheduler` in {linear, cosine, constant}. `extended`
+adds the other LoRA and optimiser knobs.
 A TOML file overrides parameters by name, one table each, with either bounds or choices::
 
     [lora_r]
@@ -67,31 +68,19 @@ class ParamSpec:
 # What each parameter may take, checked for every space (defaults included).
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 _FIELD_TYPES = {f.name: _TYPES[f.type] for f in fields(TrainConfig)}
-_ALLOWED: dict[str, Any] = {
-    "lora_r": lambda v: v >= 1,
-    "learning_rate": lambda v: 0 < v < 1,
-    "lr_scheduler": lambda v: v in SCHEDULERS,
-    "lora_alpha_ratio": lambda v: v > 0,
-    "lora_dropout": lambda v: 0 <= v < 1,
-    "target_modules": lambda v: v in LORA_TARGETS,
-    "use_rslora": lambda v: isinstance(v, bool),
-    "use_dora": lambda v: isinstance(v, bool),
-    "weight_decay": lambda v: 0 <= v < 1,
-    "warmup_ratio": lambda v: 0 <= v < 1,
-    "batch_size": lambda v: v >= 1,
-}
-_ALLOWED_TEXT = {
-    "lora_r": "an integer >= 1",
-    "learning_rate": "a number in (0, 1)",
-    "lr_scheduler": "one of " + ", ".join(SCHEDULERS),
-    "lora_alpha_ratio": "a number > 0",
-    "lora_dropout": "a number in [0, 1)",
-    "target_modules": "one of " + ", ".join(LORA_TARGETS),
-    "use_rslora": "true or false",
-    "use_dora": "true or false",
-    "weight_decay": "a number in [0, 1)",
-    "warmup_ratio": "a number in [0, 1)",
-    "batch_size": "an integer >= 1",
+# parameter -> (the check every value must pass, how it is described when it does not)
+_ALLOWED: dict[str, tuple[Any, str]] = {
+    "lora_r": (lambda v: v >= 1, "an integer >= 1"),
+    "learning_rate": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "lr_scheduler": (lambda v: v in SCHEDULERS, "one of " + ", ".join(SCHEDULERS)),
+    "lora_alpha_ratio": (lambda v: v > 0, "a number > 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "target_modules": (lambda v: v in LORA_TARGETS, "one of " + ", ".join(LORA_TARGETS)),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "weight_decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "warmup_ratio": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
 }
 
 
@@ -144,7 +133,7 @@ def parse_param(name: str, table: Any) -> ParamSpec:
     unknown = set(table) - {"low", "high", "log", "choices"}
     if unknown:
         raise SpaceError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    ok, text, kind = _ALLOWED[name], _ALLOWED_TEXT[name], _FIELD_TYPES[name]
+    (ok, text), kind = _ALLOWED[name], _FIELD_TYPES[name]
 
     def check(v: Any) -> Any:
         if kind is bool:

@@ -1,8 +1,9 @@
 """The training loop: AdamW, a transformers LR schedule, autocast, clipping, per-epoch validation.
 
 It knows nothing of Optuna: the caller passes `on_epoch_end`, which may raise to stop the run
-(a pruner does). Devices and precision live in `objectives.device`, length-bucketed batches in
-`objectives.batching`, the forward pass and the metrics of a split in `objectives.evaluation`.
+(a pruner does). One optimizer step is `_step`: forward, loss, backward, clip, step. Devices and
+precision live in `objectives.device`, length-bucketed batches in `objectives.batching`, the
+forward pass and the metrics of a split in `objectives.evaluation`.
 
 What a step computes is the model's function; how it computes it is cheaper where it can be:
 - BERT classifiers run through `objectives.fastbert`: no work on pad tokens on CPUs (packed
@@ -20,7 +21,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# At import, not in a trial's setup: loading transformers' optimization module (which loads
-# peft) takes seconds, would count as the first trial's setup time, and a Ctrl-C landing in it
-# (inside a dataclass's generated code) made CPython exit -2 instead of our 130.
+# At import, not in a trial's setup: loading transformers' optimization module (which loads peft)
+# takes seconds that would count as the first trial's setup time, and a Ctrl-C landing inside
+# that import (in a dataclass's generated code) would end Python with -2 instead of exit code 130.
 from transformers import get_scheduler
 
 from objectives.batching import (
@@ -41,12 +41,7 @@ from objectives.batching import (
     rows_to_device,
 )
 from objectives.config import TrainConfig
-from objectives.device import (
-    PeakMemory,
-    autocast_dtype,
-    device_bf16_supported,
-    sync_device,
-)
+from objectives.device import StepPeakMemory, compute_dtype, sync_device
 from objectives.embedding_rows import UsedRows
 from objectives.evaluation import evaluate, make_forward, predict
 from objectives.fastbert import BertParts, DropFn, MaskSource, bert_parts, torch_dropout
@@ -90,8 +85,6 @@ class RunSetup:
 
     setup_time_s: float  # weights to the device, CUDA graph capture, optimizer
     graphs: str  # "on: ..." when the step replays CUDA graphs, else "off: <why>"
-    graph_mem_estimate_mb: float | None = None  # the estimate the capture decision used
-    graph_mem_mb: float | None = None  # device memory the captured graphs took (measured)
 
 
 @dataclass
@@ -223,19 +216,20 @@ class _Run:
     model: nn.Module
     cfg: TrainConfig
     data: PreparedData
+    train_split: PreparedSplit  # regrouped so that every batch but the epoch's last is full
+    steps_per_epoch: int
+    gen: torch.Generator  # the epochs' batch order
     dtype: torch.dtype
     scaler: torch.amp.GradScaler
-    memory: PeakMemory
-    gen: torch.Generator  # the epochs' batch order
-    t_setup: float
-    train_split: PreparedSplit
-    steps_per_epoch: int
-    graphed: GraphedTrainStep | None
-    vocab: UsedRows | None
+    # the lean forward (or the model's own), with training dropout; unused when graphed
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    graphed: GraphedTrainStep | None  # forward, loss and backward replayed from CUDA graphs
+    vocab: UsedRows | None  # the word-embedding rows trained compactly (CPU full FT)
     trainable: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    memory: StepPeakMemory
+    t_setup: float
     setup: RunSetup
     train_time: float = 0.0  # the epochs' training so far, evaluation excluded
 
@@ -253,9 +247,9 @@ def _set_up(
         torch.cuda.set_device(device)  # capture and its streams work on the current device
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    dtype = autocast_dtype(device.type, cfg.mixed_precision, device_bf16_supported(device))
+    dtype = compute_dtype(device, cfg.mixed_precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    memory = PeakMemory(device)
+    memory = StepPeakMemory(device)
 
     # Setup is part of what a user waits for: the copy to the device, capture, the optimizer.
     t_setup = time.perf_counter()
@@ -273,28 +267,12 @@ def _set_up(
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
     forward = make_forward(model, device, training_dropout(device, cfg.seed), parts)
     sync_device(device)
-    setup = RunSetup(
-        time.perf_counter() - t_setup, captured.reason, captured.estimate_mb, captured.measured_mb
-    )
+    setup = RunSetup(time.perf_counter() - t_setup, captured.reason)
+    # In the order of `_Run`'s fields: what is trained, on what, and how.
     return _Run(
-        model=model,
-        cfg=cfg,
-        data=data,
-        dtype=dtype,
-        scaler=scaler,
-        memory=memory,
-        gen=gen,
-        t_setup=t_setup,
-        train_split=train_split,
-        steps_per_epoch=steps_per_epoch,
-        graphed=captured.step,
-        vocab=vocab,
-        trainable=trainable,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        forward=forward,
-        setup=setup,
-    )
+        model, cfg, data, train_split, steps_per_epoch, gen, dtype, scaler, forward,
+        captured.step, vocab, trainable, optimizer, scheduler, memory, t_setup, setup,
+    )  # fmt: skip
 
 
 def _capture(
@@ -322,11 +300,9 @@ def _train_epoch(run: _Run, epoch: int) -> torch.Tensor:
     loss_sum = torch.zeros((), device=run.device)
     for step, (b, rows) in enumerate(rows_to_device(batches, run.device), 1):
         if run.graphed is not None and epoch == 1 and step == 1:
-            loss_sum += _first_graphed_step(
-                partial(_optimizer_step, run), b, rows, run.device, run.t_setup
-            )
+            loss_sum += _first_graphed_step(run, b, rows)
         else:
-            loss_sum += _optimizer_step(run, b, rows)
+            loss_sum += _step(run, b, rows)
         if step % NAN_CHECK_EVERY == 0:
             _check_finite(loss_sum, epoch, step)
     _check_finite(loss_sum, epoch, run.steps_per_epoch)
@@ -337,15 +313,25 @@ def _train_epoch(run: _Run, epoch: int) -> torch.Tensor:
     return loss_sum
 
 
-def _optimizer_step(run: _Run, b: int, rows: torch.Tensor) -> torch.Tensor:
-    """Forward and backward of one batch (replayed from its graph, or eager), then the update."""
+def _step(run: _Run, b: int, rows: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on rows `rows` of bucket `b`: forward, loss, backward, clip, step.
+
+    With CUDA graphs the forward, loss and backward are one replay of the bucket's graph, which
+    computes the same (`objectives.graphs`); the rest is the same code either way.
+    """
     if run.graphed is not None:
         loss = run.graphed(b, rows)
     else:
-        loss = _eager_step(run, b, rows)
+        bucket = run.train_split.buckets[b]
+        with torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
+            logits = run.forward(bucket.input_ids[rows], bucket.attention_mask[rows])
+        loss = F.cross_entropy(logits.float(), bucket.labels[rows])
+        run.memory.sample()  # activations are held for backward: a high point of the step
+        run.scaler.scale(loss).backward()
+        loss = loss.detach()
     run.scaler.unscale_(run.optimizer)
     nn.utils.clip_grad_norm_(run.trainable, run.cfg.max_grad_norm)
-    if run.vocab is not None:
+    if run.vocab is not None:  # the unused embedding rows' decay, applied when they are read
         run.vocab.record_step(run.optimizer.param_groups[0]["lr"], run.cfg.weight_decay)
     run.scaler.step(run.optimizer)
     run.scaler.update()
@@ -353,16 +339,6 @@ def _optimizer_step(run: _Run, b: int, rows: torch.Tensor) -> torch.Tensor:
     run.memory.sample()  # the optimizer's state exists from the first step on
     run.optimizer.zero_grad(set_to_none=True)
     return loss
-
-
-def _eager_step(run: _Run, b: int, rows: torch.Tensor) -> torch.Tensor:
-    bucket = run.train_split.buckets[b]
-    with torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
-        logits = run.forward(bucket.input_ids[rows], bucket.attention_mask[rows])
-    loss = F.cross_entropy(logits.float(), bucket.labels[rows])
-    run.memory.sample()  # activations are held for backward: a high point of the step
-    run.scaler.scale(loss).backward()
-    return loss.detach()
 
 
 def _end_epoch(run: _Run, epoch: int, loss_sum: torch.Tensor) -> EpochResult:
@@ -403,23 +379,17 @@ def _test_result(
     )
 
 
-def _first_graphed_step(
-    step: Callable[[int, torch.Tensor], torch.Tensor],
-    b: int,
-    rows: torch.Tensor,
-    device: torch.device,
-    t_setup: float,
-) -> torch.Tensor:
+def _first_graphed_step(run: _Run, b: int, rows: torch.Tensor) -> torch.Tensor:
     """The first step with graphs, where the optimizer's state joins the graphs' pools in memory;
     running out of memory there is a `GraphMemoryError` (the caller may retry eagerly)."""
     try:
-        loss = step(b, rows)
-        sync_device(device)  # an asynchronous failure surfaces here, not some steps later
+        loss = _step(run, b, rows)
+        sync_device(run.device)  # an asynchronous failure surfaces here, not some steps later
         return loss
     except torch.OutOfMemoryError as e:
         raise GraphMemoryError(
             f"out of memory in the first step with CUDA graphs: {str(e)[:200]}",
-            time.perf_counter() - t_setup,
+            time.perf_counter() - run.t_setup,
         ) from e
 
 

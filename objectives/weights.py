@@ -27,7 +27,6 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from objectives.device import autocast_dtype, device_bf16_supported
 from objectives.errors import UserError, first_line
 from objectives.model import load_pretrained
 
@@ -140,11 +139,6 @@ def load_weights(folder: Path) -> Restored:
         raise WeightsError(f"{folder / MANIFEST}: unknown mode {info.mode!r}")
     model.eval()
     return Restored(model, tokenizer, info)
-
-
-def inference_dtype(device: torch.device, mixed_precision: bool) -> torch.dtype:
-    """The autocast dtype training used on this device, so predictions match the trial's."""
-    return autocast_dtype(device.type, mixed_precision, device_bf16_supported(device))
 
 
 # ----------------------------------------------------------------------------- archives

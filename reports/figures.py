@@ -1,13 +1,16 @@
-"""Interactive plotly figures for index.html (and for optuna-dashboard, via `pareto_figure`).
+"""The report's figures, each defined once as a plotly figure: index.html shows it, `reports.png`
+draws its PNG from it, and optuna-dashboard stores `pareto_figure`.
 
 Every builder is a pure function of trial records or computed tables and returns a
-`plotly.graph_objects.Figure`; nothing is written here. Colours are shared with the PNG versions
-in `reports.png` so both outputs read the same way.
+`plotly.graph_objects.Figure`; nothing is written here. Optuna's own plots
+(`optuna.visualization`) draw one study's COMPLETE trials; these put the pruned trials, the Pareto
+front and the full fine-tuning baseline beside them, which is the comparison the study is for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial
@@ -86,9 +89,55 @@ def _baseline_line(fig: go.Figure, baseline: TrialRecord | None) -> None:
     )
 
 
+def _figure(
+    title: str, height: int | None, x_title: str, y_title: str | None = F1_TITLE, **layout: Any
+) -> go.Figure:
+    """An empty figure in the report's style, its title and axis titles set."""
+    fig = go.Figure(layout={"title": title, "template": "plotly_white", "height": height, **layout})
+    fig.update_xaxes(title=x_title)
+    fig.update_yaxes(title=y_title)
+    return fig
+
+
 def _empty(fig: go.Figure, message: str) -> go.Figure:
     fig.add_annotation(text=message, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
     return fig
+
+
+# How each group of trials on a Pareto figure is drawn, in drawing order.
+PARETO_STYLES = {
+    "pruned": {
+        "mode": "markers",
+        "name": "pruned (best F1 before stopping)",
+        "marker": {"symbol": "x", "color": COLORS["pruned"], "size": 7, "opacity": 0.7},
+    },
+    "lora": {
+        "mode": "markers",
+        "name": "LoRA trials",
+        "marker": {"color": COLORS["trial"], "size": 9, "opacity": 0.85},
+    },
+    "front": {
+        "mode": "lines+markers",
+        "name": "Pareto front",
+        "line": {"color": COLORS["front"], "shape": "hv", "width": 2},
+        "marker": {
+            "color": COLORS["front"],
+            "size": 11,
+            "symbol": "diamond",
+            "line": {"color": "white", "width": 1},
+        },
+    },
+    "baseline": {
+        "mode": "markers",
+        "name": "full fine-tuning baseline",
+        "marker": {
+            "color": COLORS["baseline"],
+            "size": 18,
+            "symbol": "star",
+            "line": {"color": "black", "width": 1},
+        },
+    },
+}
 
 
 def pareto_figure_from_records(records: Sequence[TrialRecord], cost: CostKey) -> go.Figure:
@@ -98,80 +147,32 @@ def pareto_figure_from_records(records: Sequence[TrialRecord], cost: CostKey) ->
     front = pareto_front(records, cost)
     on_front = {(r.study, r.number) for r in front}
     candidates = pareto_candidates(records, cost)
-    lora = [r for r in candidates if not r.baseline and (r.study, r.number) not in on_front]
-    base = [r for r in candidates if r.baseline]
-    pruned = [
-        r
-        for r in records
-        if not r.baseline
-        and r.state == "PRUNED"
-        and r.val_f1 is not None
-        and cost_of(r, cost) is not None
-    ]
+    groups = {
+        "pruned": [  # at the best F1 they reached before they were stopped
+            r
+            for r in records
+            if r.state == "PRUNED"
+            and not r.baseline
+            and r.val_f1 is not None
+            and cost_of(r, cost) is not None
+        ],
+        "lora": [r for r in candidates if not r.baseline and (r.study, r.number) not in on_front],
+        "front": front,
+        "baseline": [r for r in candidates if r.baseline],
+    }
     title = "Pareto front: validation F1 against " + (
         "trainable parameters" if cost == "trainable_params" else "training time"
     )
-    fig = go.Figure(layout={"title": title, "template": "plotly_white", "height": 520})
+    fig = _figure(title, 520, COST_TITLES[cost])
     if cost == "trainable_params":
         # Parameter counts span LoRA (~1e5) to full fine-tuning (~1e8); "D2" keeps the minor
         # labels of a log axis to 2 and 5.
-        fig.update_xaxes(title=COST_TITLES[cost], type="log", dtick="D2")
-    else:
-        fig.update_xaxes(title=COST_TITLES[cost])
-    fig.update_yaxes(title=F1_TITLE)
-    if not candidates and not pruned:
+        fig.update_xaxes(type="log", dtick="D2")
+    if not candidates and not groups["pruned"]:
         return _empty(fig, f"No COMPLETE trial with a validation F1 and {cost} yet.")
-    if pruned:
-        fig.add_trace(
-            _points(
-                pruned,
-                cost,
-                mode="markers",
-                name="pruned (best F1 before stopping)",
-                marker={"symbol": "x", "color": COLORS["pruned"], "size": 7, "opacity": 0.7},
-            )
-        )
-    if lora:
-        fig.add_trace(
-            _points(
-                lora,
-                cost,
-                mode="markers",
-                name="LoRA trials",
-                marker={"color": COLORS["trial"], "size": 9, "opacity": 0.85},
-            )
-        )
-    if front:
-        fig.add_trace(
-            _points(
-                front,
-                cost,
-                mode="lines+markers",
-                name="Pareto front",
-                line={"color": COLORS["front"], "shape": "hv", "width": 2},
-                marker={
-                    "color": COLORS["front"],
-                    "size": 11,
-                    "symbol": "diamond",
-                    "line": {"color": "white", "width": 1},
-                },
-            )
-        )
-    if base:
-        fig.add_trace(
-            _points(
-                base,
-                cost,
-                mode="markers",
-                name="full fine-tuning baseline",
-                marker={
-                    "color": COLORS["baseline"],
-                    "size": 18,
-                    "symbol": "star",
-                    "line": {"color": "black", "width": 1},
-                },
-            )
-        )
+    for name, group in groups.items():
+        if group:
+            fig.add_trace(_points(group, cost, **PARETO_STYLES[name]))
     _baseline_line(fig, best_record(records, baseline=True))
     return fig
 
@@ -198,13 +199,12 @@ def importance_figure(result: ImportanceResult) -> go.Figure:
     for row in result.rows:
         if row.param not in order:
             order.append(row.param)
-    fig = go.Figure(
-        layout={
-            "title": f"Parameter importance for validation F1 ({result.n_trials} COMPLETE trials)",
-            "template": "plotly_white",
-            "barmode": "group",
-            "height": max(320, 90 + 60 * len(order)),
-        }
+    fig = _figure(
+        f"Parameter importance for validation F1 ({result.n_trials} COMPLETE trials)",
+        max(320, 90 + 60 * len(order)),
+        "Share of importance (normalised per evaluator)",
+        y_title=None,
+        barmode="group",
     )
     evaluators = list(dict.fromkeys(row.evaluator for row in result.rows))
     for evaluator in evaluators:
@@ -218,7 +218,6 @@ def importance_figure(result: ImportanceResult) -> go.Figure:
                 hovertemplate="%{y}: %{x:.3f}<extra>" + evaluator + "</extra>",
             )
         )
-    fig.update_xaxes(title="Share of importance (normalised per evaluator)")
     fig.update_yaxes(autorange="reversed")
     if not result.rows:
         return _empty(fig, "Importance not computed (see notes).")
@@ -227,11 +226,7 @@ def importance_figure(result: ImportanceResult) -> go.Figure:
 
 def history_figure(records: Sequence[TrialRecord]) -> go.Figure:
     """Validation F1 per trial number, the running best, pruned trials and the baseline line."""
-    fig = go.Figure(
-        layout={"title": "Optimisation history", "template": "plotly_white", "height": 460}
-    )
-    fig.update_xaxes(title="Trial number")
-    fig.update_yaxes(title=F1_TITLE)
+    fig = _figure("Optimisation history", 460, "Trial number")
     lora = [r for r in records if not r.baseline and r.val_f1 is not None]
     complete = [r for r in lora if r.complete]
     unfinished = [r for r in lora if not r.complete]
@@ -274,15 +269,8 @@ def history_figure(records: Sequence[TrialRecord]) -> go.Figure:
 
 def intermediate_figure(records: Sequence[TrialRecord]) -> go.Figure:
     """Validation F1 after each epoch, one line per trial; pruned trials stop where pruned."""
-    fig = go.Figure(
-        layout={
-            "title": "Validation F1 per epoch (intermediate values)",
-            "template": "plotly_white",
-            "height": 500,
-        }
-    )
-    fig.update_xaxes(title="Epoch", dtick=1)
-    fig.update_yaxes(title=F1_TITLE)
+    fig = _figure("Validation F1 per epoch (intermediate values)", 500, "Epoch")
+    fig.update_xaxes(dtick=1)
     styles = {
         "COMPLETE": ("COMPLETE", {"color": COLORS["trial"], "width": 1.5}),
         "PRUNED": ("PRUNED", {"color": COLORS["pruned"], "width": 1.2, "dash": "dot"}),
@@ -324,14 +312,13 @@ def per_class_figure(
 ) -> go.Figure:
     """Dumbbell chart of test F1 per class, LoRA's largest deficit against the baseline on top."""
     labels = [r.label for r in rows]
-    fig = go.Figure(
-        layout={
-            "title": f"Per-class test F1: best LoRA ({lora.label}) vs baseline ({baseline.label}),"
-            " sorted by difference",
-            "template": "plotly_white",
-            "height": max(400, 150 + 16 * len(rows)),
-            "hovermode": "y unified",
-        }
+    fig = _figure(
+        f"Per-class test F1: best LoRA ({lora.label}) vs baseline ({baseline.label}),"
+        " sorted by difference",
+        max(400, 150 + 16 * len(rows)),
+        "Test F1 of the class",
+        y_title=None,
+        hovermode="y unified",
     )
     segments_x: list[float | None] = []
     segments_y: list[str | None] = []
@@ -348,28 +335,27 @@ def per_class_figure(
             hoverinfo="skip",
         )
     )
-    fig.add_trace(
-        go.Scatter(
-            x=[r.baseline_f1 for r in rows],
-            y=labels,
-            mode="markers",
-            name="full FT baseline",
-            marker={"color": COLORS["baseline"], "size": 8},
-            hovertemplate="baseline %{x:.3f}<extra></extra>",
+    for name, values, color, hover in (
+        ("full FT baseline", [r.baseline_f1 for r in rows], "baseline", "baseline %{x:.3f}"),
+        (
+            "best LoRA",
+            [r.lora_f1 for r in rows],
+            "lora_best",
+            "LoRA %{x:.3f} (diff %{customdata:+.3f})",
+        ),
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=values,
+                y=labels,
+                mode="markers",
+                name=name,
+                marker={"color": COLORS[color], "size": 8},
+                customdata=[r.difference for r in rows],
+                hovertemplate=hover + "<extra></extra>",
+            )
         )
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=[r.lora_f1 for r in rows],
-            y=labels,
-            mode="markers",
-            name="best LoRA",
-            marker={"color": COLORS["lora_best"], "size": 8},
-            customdata=[r.difference for r in rows],
-            hovertemplate="LoRA %{x:.3f} (diff %{customdata:+.3f})<extra></extra>",
-        )
-    )
-    fig.update_xaxes(title="Test F1 of the class", range=[-0.02, 1.02])
+    fig.update_xaxes(range=[-0.02, 1.02])
     fig.update_yaxes(autorange="reversed", tickfont={"size": 9}, dtick=1)
     return fig
 
@@ -378,7 +364,8 @@ def confusion_figure(confusion: Confusion, title: str) -> go.Figure:
     """Heatmap of the row-normalised test confusion matrix (counts in the hover)."""
     n = len(confusion.labels)
     size = max(450, min(1100, 200 + 11 * n))
-    fig = go.Figure(
+    fig = _figure(title, size, "Predicted label", "True label", width=size + 150)
+    fig.add_trace(
         go.Heatmap(
             z=row_normalised(confusion.counts),
             x=confusion.labels,
@@ -389,10 +376,9 @@ def confusion_figure(confusion: Confusion, title: str) -> go.Figure:
             zmax=1,
             colorbar={"title": "share of row"},
             hovertemplate="true %{y}<br>predicted %{x}<br>%{customdata} (%{z:.1%})<extra></extra>",
-        ),
-        layout={"title": title, "template": "plotly_white", "height": size, "width": size + 150},
+        )
     )
     tick_font = {"size": 7 if n > 30 else 10}
-    fig.update_xaxes(title="Predicted label", tickfont=tick_font, dtick=1)
-    fig.update_yaxes(title="True label", autorange="reversed", tickfont=tick_font, dtick=1)
+    fig.update_xaxes(tickfont=tick_font, dtick=1)
+    fig.update_yaxes(autorange="reversed", tickfont=tick_font, dtick=1)
     return fig

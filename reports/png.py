@@ -1,4 +1,9 @@
-"""Static PNG versions of the report figures, drawn with matplotlib.
+"""PNG files of the report's figures: each plotly figure of `reports.figures`, drawn by matplotlib.
+
+The PNG is read off the same figure object the interactive page shows (its traces, colours,
+symbols, axes and baseline line), so the two cannot drift apart. What those figures use is
+translated, nothing more: markers and lines (step lines, dashes, gaps), grouped horizontal bars,
+a heatmap, horizontal reference lines with their labels, and text notes.
 
 Figures are built with `matplotlib.figure.Figure` and saved through its Agg canvas, never through
 `pyplot`: no global backend is switched and no figure is left open, so reports can be written
@@ -7,247 +12,128 @@ from a headless worker or a test without a display.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 from pathlib import Path
+from typing import Any
 
+import plotly.graph_objects as go
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from objectives.record import TrialRecord
-from reports.figures import COLORS, COST_TITLES, F1_TITLE
-from reports.importance import ImportanceResult
-from reports.perclass import ClassF1, Confusion, row_normalised
-from reports.tables import (
-    CostKey,
-    best_record,
-    best_so_far,
-    check_cost,
-    cost_of,
-    pareto_candidates,
-    pareto_front,
-)
-
 DPI = 120
+PX_PER_INCH = 100  # plotly's layout size in pixels -> matplotlib's figure size in inches
+SYMBOLS = {"x": "x", "diamond": "D", "star": "*"}  # plotly's marker symbols; others are dots
+DASHES = {"dash": "--", "dot": ":"}
 
 
-def save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+def save(fig: go.Figure, path: Path) -> Path:
+    """`fig` as a PNG file at `path`."""
+    static_figure(fig).savefig(path, dpi=DPI, bbox_inches="tight")
     return path
 
 
-def _baseline_line(ax: Axes, records: Sequence[TrialRecord]) -> None:
-    base = best_record(records, baseline=True)
-    if base is not None and base.val_f1 is not None:
-        ax.axhline(
-            base.val_f1,
-            color=COLORS["baseline"],
-            linestyle="--",
-            linewidth=1.2,
-            label=f"baseline F1 {base.val_f1:.4f}",
-        )
+def static_figure(fig: go.Figure) -> Figure:
+    """The matplotlib twin of a plotly figure of `reports.figures`."""
+    layout = fig.layout
+    out = Figure(
+        figsize=((layout.width or 800) / PX_PER_INCH, (layout.height or 500) / PX_PER_INCH)
+    )
+    ax = out.add_subplot()
+    ticks = _categories(fig)
+    bars = [t for t in fig.data if t.type == "bar"]
+    for trace in fig.data:
+        if trace.type == "heatmap":
+            _heatmap(out, ax, trace)
+        elif trace.type == "bar":
+            _bar(ax, trace, bars.index(trace), len(bars), ticks)
+        else:
+            _scatter(ax, trace, ticks)
+    labels = {a.y: a.text for a in layout.annotations if a.yref == "y"}  # a reference line's
+    for shape in layout.shapes:
+        ax.axhline(shape.y0, color=shape.line.color, linestyle=DASHES.get(shape.line.dash, "-"),
+                   linewidth=1.2, label=labels.get(shape.y0))  # fmt: skip
+    for note in layout.annotations:
+        if note.xref == "paper":  # a message in place of data
+            ax.text(note.x, note.y, note.text, ha="center", transform=ax.transAxes)
+    _axes(ax, layout, ticks)
+    return out
 
 
-def pareto_png(records: Sequence[TrialRecord], cost: CostKey) -> Figure:
-    """Same content as `figures.pareto_figure_from_records`, for README and offline viewing."""
-    cost = check_cost(cost)
-    front = pareto_front(records, cost)
-    on_front = {(r.study, r.number) for r in front}
-    candidates = pareto_candidates(records, cost)
-    fig = Figure(figsize=(8, 5.2))
-    ax = fig.add_subplot()
-    pruned = [
-        r
-        for r in records
-        if not r.baseline
-        and r.state == "PRUNED"
-        and r.val_f1 is not None
-        and cost_of(r, cost) is not None
-    ]
-    if pruned:
-        ax.scatter(
-            [cost_of(r, cost) for r in pruned],
-            [r.val_f1 for r in pruned],
-            marker="x",
-            color=COLORS["pruned"],
-            label="pruned (best F1 before stopping)",
-        )
-    lora = [r for r in candidates if not r.baseline and (r.study, r.number) not in on_front]
-    if lora:
-        ax.scatter(
-            [cost_of(r, cost) for r in lora],
-            [r.val_f1 for r in lora],
-            color=COLORS["trial"],
-            label="LoRA trials",
-        )
-    if front:
-        ax.step(
-            [cost_of(r, cost) for r in front],
-            [r.val_f1 for r in front],
-            where="post",
-            color=COLORS["front"],
-            marker="D",
-            label="Pareto front",
-        )
-    base = [r for r in candidates if r.baseline]
-    if base:
-        ax.scatter(
-            [cost_of(r, cost) for r in base],
-            [r.val_f1 for r in base],
-            marker="*",
-            s=260,
-            color=COLORS["baseline"],
-            edgecolor="black",
-            zorder=5,
-            label="full fine-tuning baseline",
-        )
-    _baseline_line(ax, records)
-    if cost == "trainable_params" and candidates + pruned:
-        ax.set_xscale("log")
-    ax.set_xlabel(COST_TITLES[cost])
-    ax.set_ylabel(F1_TITLE)
-    what = "trainable parameters" if cost == "trainable_params" else "training time"
-    ax.set_title(f"Validation F1 against {what}")
-    if candidates or pruned:
-        ax.legend(loc="best", fontsize=8)
+def _categories(fig: go.Figure) -> dict[str, int]:
+    """Positions of the category labels of a categorical y axis, in order of appearance."""
+    names: dict[str, int] = {}
+    for trace in fig.data:
+        if trace.type != "heatmap":
+            for value in trace.y or ():
+                if isinstance(value, str):
+                    names.setdefault(value, len(names))
+    return names
+
+
+def _numbers(values: Any, ticks: dict[str, int]) -> list[float]:
+    """Plotted coordinates: category labels at their positions, gaps (None) as NaN."""
+    return [math.nan if v is None else ticks[v] if isinstance(v, str) else v for v in values]
+
+
+def _scatter(ax: Axes, t: Any, ticks: dict[str, int]) -> None:
+    x, y = _numbers(t.x, ticks), _numbers(t.y, ticks)
+    label = None if t.showlegend is False else t.name
+    mode, marker = t.mode or "markers", t.marker
+    symbol = SYMBOLS.get(marker.symbol, "o")
+    if "lines" not in mode:
+        edge = marker.line.color if marker.line and marker.line.width else None
+        ax.scatter(x, y, marker=symbol, s=(marker.size or 6) ** 2, color=marker.color,
+                   alpha=marker.opacity, edgecolors=edge, label=label,
+                   zorder=3 if symbol == "*" else 2)  # fmt: skip
+        return
+    style = {
+        "color": t.line.color,
+        "linestyle": DASHES.get(t.line.dash, "-"),
+        "linewidth": 0.75 * (t.line.width or 2),
+        "marker": symbol if "markers" in mode else None,
+        "markersize": 0.6 * (marker.size or 6),
+        "label": label,
+    }
+    if t.line.shape == "hv":
+        ax.step(x, y, where="post", **style)
     else:
-        ax.text(0.5, 0.5, "no COMPLETE trial yet", ha="center", transform=ax.transAxes)
-    ax.grid(alpha=0.3)
-    return fig
+        ax.plot(x, y, **style)
 
 
-def importance_png(result: ImportanceResult) -> Figure:
-    order = list(dict.fromkeys(r.param for r in result.rows))
-    evaluators = list(dict.fromkeys(r.evaluator for r in result.rows))
-    fig = Figure(figsize=(8, max(2.5, 0.9 + 0.5 * len(order))))
-    ax = fig.add_subplot()
-    height = 0.8 / max(1, len(evaluators))
-    for i, evaluator in enumerate(evaluators):
-        scores = {r.param: r.importance for r in result.rows if r.evaluator == evaluator}
-        ax.barh(
-            [j + i * height for j in range(len(order))],
-            [scores.get(p, 0.0) for p in order],
-            height=height,
-            label=evaluator,
-        )
-    ax.set_yticks([j + height * (len(evaluators) - 1) / 2 for j in range(len(order))], order)
-    ax.invert_yaxis()
-    ax.set_xlabel("Share of importance (normalised per evaluator)")
-    ax.set_title(f"Parameter importance for validation F1 ({result.n_trials} COMPLETE trials)")
-    ax.legend(fontsize=8)
-    ax.grid(axis="x", alpha=0.3)
-    return fig
+def _bar(ax: Axes, t: Any, i: int, n: int, ticks: dict[str, int]) -> None:
+    """One evaluator's horizontal bars, beside the other traces' in each category's slot."""
+    height = 0.8 / n
+    positions = [p + (i - (n - 1) / 2) * height for p in _numbers(t.y, ticks)]
+    ax.barh(positions, list(t.x), height=height, label=t.name)
 
 
-def history_png(records: Sequence[TrialRecord]) -> Figure:
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.add_subplot()
-    lora = [r for r in records if not r.baseline and r.val_f1 is not None]
-    unfinished = [r for r in lora if not r.complete]
-    complete = [r for r in lora if r.complete]
-    if unfinished:
-        ax.scatter(
-            [r.number for r in unfinished],
-            [r.val_f1 for r in unfinished],
-            marker="x",
-            color=COLORS["pruned"],
-            label="pruned / unfinished (best F1 reached)",
-        )
-    if complete:
-        ax.scatter(
-            [r.number for r in complete],
-            [r.val_f1 for r in complete],
-            color=COLORS["trial"],
-            label="COMPLETE trials",
-        )
-    running = best_so_far(records)
-    if running:
-        ax.step(
-            [n for n, _ in running],
-            [v for _, v in running],
-            where="post",
-            color=COLORS["front"],
-            label="best so far",
-        )
-    _baseline_line(ax, records)
-    ax.set_xlabel("Trial number")
-    ax.set_ylabel(F1_TITLE)
-    ax.set_title("Optimisation history")
+def _heatmap(fig: Figure, ax: Axes, t: Any) -> None:
+    # row 0 at the bottom, as plotly draws it; a reversed y axis then puts it on top
+    image = ax.imshow(t.z, cmap="Blues", vmin=t.zmin, vmax=t.zmax, aspect="auto", origin="lower")
+    n = len(t.x)
+    fontsize = 5 if n > 30 else 8
+    ax.set_xticks(range(n), list(t.x), rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(len(t.y)), list(t.y), fontsize=fontsize)
+    title = t.colorbar.title.text if t.colorbar and t.colorbar.title else None
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=title)
+
+
+def _axes(ax: Axes, layout: Any, ticks: dict[str, int]) -> None:
+    """Titles, scales, ranges, category labels and the legend, as the layout says."""
+    ax.set_title(layout.title.text or "", fontsize=10)
+    ax.set_xlabel(layout.xaxis.title.text or "")
+    ax.set_ylabel(layout.yaxis.title.text or "")
+    if layout.xaxis.type == "log":
+        ax.set_xscale("log")
+    if layout.xaxis.range:
+        ax.set_xlim(*layout.xaxis.range)
+    if ticks:
+        size = layout.yaxis.tickfont.size
+        ax.set_yticks(list(ticks.values()), list(ticks), fontsize=0.75 * size if size else None)
+    elif layout.xaxis.dtick == 1 and ax.get_xscale() == "linear" and not ax.images:  # epochs
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    if layout.yaxis.autorange == "reversed":
+        ax.invert_yaxis()
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
-    return fig
-
-
-def intermediate_png(records: Sequence[TrialRecord]) -> Figure:
-    fig = Figure(figsize=(8, 4.8))
-    ax = fig.add_subplot()
-    labelled: set[str] = set()
-    for r in records:
-        if not r.intermediate:
-            continue
-        if r.baseline:
-            group, style = "full FT baseline", {"color": COLORS["baseline"], "linewidth": 2.5}
-        elif r.state == "COMPLETE":
-            group, style = "COMPLETE", {"color": COLORS["trial"], "linewidth": 1.2}
-        elif r.state == "PRUNED":
-            group, style = "PRUNED", {"color": COLORS["pruned"], "linestyle": ":"}
-        else:
-            group, style = r.state, {"color": COLORS["other"], "linestyle": "--"}
-        ax.plot(
-            list(r.intermediate),
-            list(r.intermediate.values()),
-            marker=".",
-            label=None if group in labelled else group,
-            **style,
-        )
-        labelled.add(group)
-    ax.set_xlabel("Epoch")
-    ax.set_ylabel(F1_TITLE)
-    ax.set_title("Validation F1 per epoch (intermediate values)")
-    if labelled:
-        ax.legend(fontsize=8, loc="lower right")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def per_class_png(rows: Sequence[ClassF1], lora: TrialRecord, baseline: TrialRecord) -> Figure:
-    n = len(rows)
-    fig = Figure(figsize=(8, max(3.0, 1.2 + 0.17 * n)))
-    ax = fig.add_subplot()
-    ys = list(range(n))
-    ax.hlines(
-        ys,
-        [r.baseline_f1 for r in rows],
-        [r.lora_f1 for r in rows],
-        color="#cccccc",
-        linewidth=2,
-    )
-    ax.scatter([r.baseline_f1 for r in rows], ys, color=COLORS["baseline"], s=18, label="baseline")
-    ax.scatter([r.lora_f1 for r in rows], ys, color=COLORS["lora_best"], s=18, label="best LoRA")
-    ax.set_yticks(ys, [r.label for r in rows], fontsize=6 if n > 30 else 9)
-    ax.set_ylim(n - 0.5, -0.5)  # largest LoRA deficit on top
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_xlabel("Test F1 of the class")
-    ax.set_title(
-        f"Per-class test F1: {lora.label} vs {baseline.label}, sorted by difference", fontsize=10
-    )
-    ax.legend(fontsize=8, loc="lower left")
-    ax.grid(axis="x", alpha=0.3)
-    return fig
-
-
-def confusion_png(confusion: Confusion, title: str) -> Figure:
-    n = len(confusion.labels)
-    side = max(5.0, min(16.0, 2.5 + 0.16 * n))
-    fig = Figure(figsize=(side + 1.2, side))
-    ax = fig.add_subplot()
-    image = ax.imshow(row_normalised(confusion.counts), cmap="Blues", vmin=0, vmax=1)
-    fontsize = 5 if n > 30 else 8
-    ax.set_xticks(range(n), confusion.labels, rotation=90, fontsize=fontsize)
-    ax.set_yticks(range(n), confusion.labels, fontsize=fontsize)
-    ax.set_xlabel("Predicted label")
-    ax.set_ylabel("True label")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of row")
-    return fig

@@ -1,6 +1,7 @@
 """Writing the report files: CSV tables, REPORT.md and the self-contained index.html.
 
-Only formatting lives here; every number comes from `reports.tables` / `reports.importance`.
+Only formatting lives here; every number comes from `reports.tables`, `reports.comparison` and
+`reports.importance`.
 index.html inlines plotly.js once in <head> and each figure as a <div> plus an inline script, so
 the page loads no script, style or font from the network and works from a file:// URL offline.
 """
@@ -13,15 +14,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import plotly.graph_objects as go
-import plotly.io as pio
-from plotly.offline import get_plotlyjs
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
-from objectives.record import TrialRecord
-from reports.importance import ImportanceResult
-from reports.tables import Findings
+    from reports.importance import ImportanceResult
 
 F1_COLUMNS = {"val_f1", "test_f1", "val_accuracy", "test_accuracy", "val_f1_mean", "test_f1_mean"}
 COUNT_COLUMNS = {"trainable_params", "total_params"}
@@ -84,105 +82,6 @@ def html_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
-
-
-def _params_text(record: TrialRecord) -> str:
-    return ", ".join(f"{k}={fmt('', v)}" for k, v in record.params.items())
-
-
-def findings_lines(findings: Findings) -> list[str]:
-    """The closing findings as plain sentences (no Markdown), shared by REPORT.md and HTML."""
-    lines: list[str] = []
-    lora, base = findings.best_lora, findings.baseline
-    if lora is None:
-        lines.append("No COMPLETE LoRA trial yet, so there is no best LoRA setting to compare.")
-    else:
-        test = f", test F1 {lora.test_f1:.4f}" if lora.test_f1 is not None else ""
-        lines.append(
-            f"Best LoRA trial (by validation F1): {lora.label} ({_params_text(lora)}): "
-            f"validation F1 {lora.val_f1:.4f}{test}."
-        )
-    if base is None:
-        lines.append("No COMPLETE full fine-tuning baseline run, so no comparison with it.")
-    else:
-        test = f", test F1 {base.test_f1:.4f}" if base.test_f1 is not None else ""
-        lines.append(
-            f"Full fine-tuning baseline: {base.label}: validation F1 {base.val_f1:.4f}{test}."
-        )
-    if lora is not None and base is not None:
-        deltas = []
-        if findings.delta_val_f1 is not None:
-            deltas.append(f"validation {findings.delta_val_f1:+.4f}")
-        if findings.delta_test_f1 is not None:
-            deltas.append(f"test {findings.delta_test_f1:+.4f}")
-        else:
-            deltas.append("test unknown (no test F1 on one of the two trials)")
-        lines.append("Best LoRA minus baseline, macro-F1: " + ", ".join(deltas) + ".")
-        if findings.params_vs_baseline_pct is not None:
-            share = (
-                f"{findings.lora_share_pct:.2f}% of its model's weights, "
-                if findings.lora_share_pct is not None
-                else ""
-            )
-            lines.append(
-                f"Trainable parameters: the best LoRA trial trains {lora.trainable_params:,} "
-                f"({share}{findings.params_vs_baseline_pct:.2f}% of the baseline's "
-                f"{base.trainable_params:,})."
-            )
-        elif findings.lora_share_pct is not None:
-            lines.append(
-                f"Trainable parameters: the best LoRA trial trains "
-                f"{findings.lora_share_pct:.2f}% of its model's weights."
-            )
-        if findings.time_ratio is not None:
-            lines.append(
-                f"Training time (setup included): {lora.wait_time_s:.1f} s for the best LoRA "
-                f"trial against {base.wait_time_s:.1f} s for the baseline, a ratio of "
-                f"{findings.time_ratio:.2f}."
-            )
-        else:
-            lines.append("Training time ratio unknown (train_time_s missing).")
-    if findings.top_params:
-        tops = findings.top_params
-        if len({name for name, _ in tops.values()}) == 1:
-            shares = ", ".join(f"{ev} {share:.2f}" for ev, (_, share) in tops.items())
-            who = "both evaluators rank it first" if len(tops) > 1 else "the only evaluator run"
-            lines.append(
-                f"Most important parameter for validation F1: {findings.most_important} "
-                f"(share of importance: {shares}; {who})."
-            )
-        else:
-            ranks = "; ".join(f"{ev} ranks {n} first ({s:.2f})" for ev, (n, s) in tops.items())
-            lines.append(f"Most important parameter for validation F1: evaluators differ: {ranks}.")
-    else:
-        lines.append("Most important parameter: not computed (see notes).")
-    savings = findings.savings
-    if savings is None:
-        lines.append("Pruning savings: no finished LoRA trial with a known epoch budget.")
-    else:
-        extra = []
-        if savings.n_budget_assumed:
-            extra.append(
-                f"{savings.n_budget_assumed} trial(s) without max_epochs given the largest budget"
-            )
-        if savings.n_skipped:
-            extra.append(f"{savings.n_skipped} trial(s) left out, epochs run unknown")
-        lines.append(
-            f"Pruning: {savings.epochs_run} epochs run of a budget of {savings.epoch_budget} "
-            f"over {savings.n_trials} finished LoRA trials ({savings.n_pruned} pruned): "
-            f"{_pct(savings.used_fraction)} of the epoch budget used, "
-            f"{_pct(savings.saved_fraction)} saved"
-            + (f" ({'; '.join(extra)})" if extra else "")
-            + "."
-        )
-    for name, front in findings.fronts.items():
-        members = ", ".join(r.label for r in front) or "empty"
-        lines.append(f"Pareto front ({name}): {members}.")
-    return lines
-
-
 @dataclass(frozen=True)
 class Section:
     """One figure of the report: its PNG file name, or the reason it could not be drawn."""
@@ -194,9 +93,9 @@ class Section:
 
 
 @dataclass(frozen=True)
-class Part:
-    """A section of sentences and an optional table: the baseline check, the test-set
-    comparison, the seed repeats of `confirm`."""
+class Check:
+    """A question the report answers in sentences and an optional table: whether the baseline
+    is fair, whether a difference is real on the test set, what the seed repeats show."""
 
     title: str
     anchor: str  # the HTML id of its list
@@ -216,7 +115,7 @@ class ReportContent:
     importance: ImportanceResult
     findings: Sequence[str]
     sections: Sequence[Section]
-    parts: Sequence[Part] = ()  # after the findings, in this order
+    checks: Sequence[Check] = ()  # after the findings, in this order
 
 
 IMPORTANCE_COLUMNS = ("evaluator", "rank", "param", "importance")
@@ -250,7 +149,7 @@ def report_markdown(content: ReportContent) -> str:
             out.append(f"- {section.title}: {section.note}")
     out.append("\n## Findings\n")
     out.extend(f"- {line}" for line in content.findings)
-    for part in content.parts:
+    for part in content.checks:
         out.append(f"\n## {part.title}\n")
         out.extend(f"- {line}" for line in part.lines)
         out.append("")
@@ -274,6 +173,9 @@ tr.baseline td { background: #eaf6ea; font-weight: 600; }
 
 def report_html(content: ReportContent) -> str:
     """The whole page as one string: plotly.js inlined once, then one div per figure."""
+    import plotly.io as pio
+    from plotly.offline import get_plotlyjs
+
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -291,7 +193,7 @@ def report_html(content: ReportContent) -> str:
         parts.append(f"<div class='notes' id='notes'><b>Notes</b><ul>{items}</ul></div>")
     items = "".join(f"<li>{esc(line)}</li>" for line in content.findings)
     parts.append(f"<h2>Findings</h2><ul id='findings'>{items}</ul>")
-    for part in content.parts:
+    for part in content.checks:
         items = "".join(f"<li>{esc(line)}</li>" for line in part.lines)
         parts.append(f"<h2>{esc(part.title)}</h2>")
         parts.append(f"<ul id='{esc(part.anchor)}'>{items}</ul>")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial, TrialState
 
-from objectives.record import Attr, TrialRecord, to_records
+from objectives.record import Attr, TrialRecord
 from reports.tables import best_record
 
 FALLBACK_MARGIN = 0.01  # one F1 point, when no seed repeats show the training noise
@@ -179,15 +179,3 @@ def baseline_seed_f1s(confirm_trials: Sequence[FrozenTrial]) -> list[float]:
         if attrs.get(Attr.SOURCE_MODE) == "full":
             by_seed.setdefault(int(attrs[Attr.SEED]), float(t.value))
     return list(by_seed.values())
-
-
-def check_trials(
-    study_name: str,
-    lora: Sequence[FrozenTrial],
-    baseline: Sequence[FrozenTrial],
-    baseline_name: str,
-    confirm: Sequence[FrozenTrial] = (),
-) -> Fairness:
-    """`fairness` straight from the trials of the three studies (the terminal, the note)."""
-    records = to_records(lora, study_name) + to_records(baseline, baseline_name, baseline=True)
-    return fairness(records, baseline_seed_f1s(confirm))

@@ -1,5 +1,6 @@
-"""Pure report maths over `TrialRecord`s: the summary table, Pareto fronts, pruning savings and
-the findings that close REPORT.md. Nothing here reads storage or writes files.
+"""Pure report maths over `TrialRecord`s: the summary table, Pareto fronts and pruning savings
+(`reports.comparison` sets the best LoRA trial against the baseline). Nothing here reads storage
+or writes files.
 
 Pareto fronts (F1 against a cost)
 ---------------------------------
@@ -21,14 +22,19 @@ Front rows are ordered by cost ascending, then F1 descending, then study and tri
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from objectives.record import TrialRecord, ranked
 
 CostKey = Literal["trainable_params", "wait_time_s"]
 COST_KEYS: tuple[CostKey, ...] = ("trainable_params", "wait_time_s")
+FRONT_NAMES: dict[CostKey, str] = {
+    "trainable_params": "validation F1 vs trainable parameters",
+    "wait_time_s": "validation F1 vs training time",
+}
+FRONT_AXES: dict[CostKey, str] = {"trainable_params": "params", "wait_time_s": "time"}
 
 # Fixed summary columns around the sampled parameters (which are inserted after "mode").
 SUMMARY_HEAD = ("study", "trial", "state", "mode")
@@ -72,18 +78,21 @@ def summary_columns(records: Sequence[TrialRecord]) -> list[str]:
     return [*SUMMARY_HEAD, *params.values(), *SUMMARY_TAIL]
 
 
+def _row(
+    r: TrialRecord, head: Sequence[str], names: Sequence[str], tail: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The record's `head` columns, its parameters (None where missing), its `tail` columns."""
+    fields = {"study": r.study, "trial": r.number}
+    row = {c: fields[c] if c in fields else getattr(r, c) for c in head}
+    params = _param_columns(names, (*head, *tail))
+    row.update({column: r.params.get(name) for name, column in params.items()})
+    row.update({c: getattr(r, c) for c in tail})
+    return row
+
+
 def summary_row(record: TrialRecord, names: Sequence[str]) -> dict[str, Any]:
     """One summary row; `names` are all parameter names of the report (missing ones are None)."""
-    params = _param_columns(names, SUMMARY_HEAD + SUMMARY_TAIL)
-    row: dict[str, Any] = {
-        "study": record.study,
-        "trial": record.number,
-        "state": record.state,
-        "mode": record.mode,
-    }
-    row.update({column: record.params.get(name) for name, column in params.items()})
-    row.update({column: getattr(record, column) for column in SUMMARY_TAIL})
-    return row
+    return _row(record, SUMMARY_HEAD, names, SUMMARY_TAIL)
 
 
 def summary_rows(records: Sequence[TrialRecord]) -> list[dict[str, Any]]:
@@ -158,22 +167,7 @@ def pareto_front(records: Sequence[TrialRecord], cost: CostKey) -> list[TrialRec
 
 def pareto_rows(front: Sequence[TrialRecord], names: Sequence[str]) -> list[dict[str, Any]]:
     """pareto_*.csv rows: the contract's columns, then the trial's parameters."""
-    params = _param_columns(names, PARETO_HEAD)
-    rows = []
-    for r in front:
-        row: dict[str, Any] = {
-            "study": r.study,
-            "trial": r.number,
-            "val_f1": r.val_f1,
-            "test_f1": r.test_f1,
-            "trainable_params": r.trainable_params,
-            "train_time_s": r.train_time_s,
-            "wait_time_s": r.wait_time_s,
-            "mode": r.mode,
-        }
-        row.update({column: r.params.get(name) for name, column in params.items()})
-        rows.append(row)
-    return rows
+    return [_row(r, PARETO_HEAD, names) for r in front]
 
 
 def pareto_columns(names: Sequence[str]) -> list[str]:
@@ -236,67 +230,6 @@ def best_record(records: Sequence[TrialRecord], *, baseline: bool) -> TrialRecor
     return best[0] if best else None
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def _delta(a: float | None, b: float | None) -> float | None:
-    return a - b if a is not None and b is not None else None
-
-
-@dataclass(frozen=True)
-class Findings:
-    """What REPORT.md concludes; every number is computed from the trials."""
-
-    best_lora: TrialRecord | None
-    baseline: TrialRecord | None
-    delta_val_f1: float | None  # best LoRA minus baseline
-    delta_test_f1: float | None
-    lora_share_pct: float | None  # LoRA trainable params as % of its own model's parameters
-    params_vs_baseline_pct: float | None  # LoRA trainable params as % of the baseline's
-    time_ratio: float | None  # LoRA train time / baseline train time
-    top_params: Mapping[str, tuple[str, float]]  # evaluator -> (parameter, normalised importance)
-    savings: PruningSavings | None
-    fronts: Mapping[str, Sequence[TrialRecord]] = field(default_factory=dict)
-
-    @property
-    def most_important(self) -> str | None:
-        """The parameter most evaluators rank first (ties: the first evaluator's choice)."""
-        votes: dict[str, int] = {}
-        for name, _ in self.top_params.values():
-            votes[name] = votes.get(name, 0) + 1
-        return max(votes, key=lambda n: votes[n]) if votes else None
-
-
-def compute_findings(
-    records: Sequence[TrialRecord],
-    top_params: Mapping[str, tuple[str, float]],
-    fronts: Mapping[str, Sequence[TrialRecord]] | None = None,
-) -> Findings:
-    """Best LoRA against the best baseline run, the top parameter per evaluator, and savings."""
-    lora = best_record(records, baseline=False)
-    base = best_record(records, baseline=True)
-
-    def both(attr: str) -> tuple[Any, Any]:
-        return (getattr(lora, attr, None), getattr(base, attr, None))
-
-    lora_params, base_params = both("trainable_params")
-    return Findings(
-        best_lora=lora,
-        baseline=base,
-        delta_val_f1=_delta(*both("val_f1")),
-        delta_test_f1=_delta(*both("test_f1")),
-        lora_share_pct=lora.trainable_share_pct if lora else None,
-        params_vs_baseline_pct=_ratio(
-            None if lora_params is None else 100.0 * lora_params, base_params
-        ),
-        time_ratio=_ratio(*both("wait_time_s")),
-        top_params=dict(top_params),
-        savings=pruning_savings(records),
-        fronts=dict(fronts or {}),
-    )
-
-
 def best_so_far(records: Sequence[TrialRecord]) -> list[tuple[int, float]]:
     """(trial number, best validation F1 of the COMPLETE LoRA trials up to it), in trial order:
     the optimisation history's running best for a maximised objective."""
@@ -308,45 +241,3 @@ def best_so_far(records: Sequence[TrialRecord]) -> list[tuple[int, float]]:
         best = r.val_f1 if best is None else max(best, r.val_f1)
         points.append((r.number, best))
     return points
-
-
-def load_of(record: TrialRecord) -> tuple[str | None, int | None, int | None]:
-    """What a trial's training time depends on besides its work: the kind of device, how many
-    other trials trained on it meanwhile, and the CPU threads of its process."""
-    kind = record.device.split(":")[0] if record.device else None
-    return kind, record.concurrent_trials, record.torch_threads
-
-
-def describe_load(load: tuple[str | None, int | None, int | None]) -> str:
-    kind, others, threads = load
-    if others is None and threads is None:
-        return f"{kind or 'unknown device'}, load not recorded"
-    alone = "alone" if others == 0 else f"beside {others} other trial(s)"
-    return f"{kind or 'unknown device'}, {alone}, {threads} torch thread(s)"
-
-
-def timing_notes(records: Sequence[TrialRecord], findings: Findings) -> list[str]:
-    """Warnings where training times compare runs made under different load (other trials on
-    the same device, other thread counts, another kind of device): the time front and the
-    baseline time ratio then measure the load as much as the method."""
-    notes = []
-    timed = pareto_candidates(records, "wait_time_s")
-    loads = sorted({load_of(r) for r in timed}, key=str)
-    if len(loads) > 1:
-        groups = "; ".join(
-            f"{describe_load(load)}: {sum(load_of(r) == load for r in timed)} trial(s)"
-            for load in loads
-        )
-        notes.append(
-            "Training times were measured under different load, so the time front compares "
-            f"load as well as settings ({groups}). For comparable times run with --workers 1, "
-            "or compare only trials with the same concurrent_trials and torch_threads."
-        )
-    lora, base = findings.best_lora, findings.baseline
-    if lora is not None and base is not None and load_of(lora) != load_of(base):
-        notes.append(
-            f"The time ratio of the best LoRA trial to the baseline compares different loads: "
-            f"{lora.label} trained {describe_load(load_of(lora))}, the baseline "
-            f"{describe_load(load_of(base))}."
-        )
-    return notes

@@ -20,7 +20,6 @@ otherwise (macro-F1 weighs rare intents more than accuracy does, so the two can 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +27,9 @@ import numpy as np
 from scipy import stats
 
 from objectives.predictions import decode_labels
-from objectives.record import Attr
+from objectives.record import TrialRecord
+from reports.confirm import LEVEL  # the one 95% level of every interval the reports give
 
-LEVEL = 0.95
 ALPHA = 0.05
 N_RESAMPLES = 9999
 SEED = 0  # the bootstrap's own seed: a report gives the same interval every time it is written
@@ -169,15 +168,14 @@ class Predictions:
     num_labels: int
 
 
-def predictions_of(user_attrs: Mapping[str, Any]) -> Predictions | None:
-    """Decoded `test_predictions`/`test_labels` attributes, or None (older trial, malformed)."""
-    labels = decode_labels(user_attrs.get(Attr.TEST_LABELS))
-    predicted = decode_labels(user_attrs.get(Attr.TEST_PREDICTIONS))
+def predictions_of(record: TrialRecord) -> Predictions | None:
+    """A trial's decoded test predictions and labels, or None (missing, malformed)."""
+    labels = decode_labels(record.test_labels)
+    predicted = decode_labels(record.test_predictions)
     if labels is None or predicted is None or len(labels) != len(predicted) or not len(labels):
         return None
-    names = user_attrs.get(Attr.LABELS)
     top = int(max(labels.max(), predicted.max())) + 1
-    num_labels = max(len(names), top) if isinstance(names, list) else top
+    num_labels = max(record.num_labels, top) if record.num_labels else top
     return Predictions(labels, predicted, num_labels)
 
 

@@ -100,6 +100,14 @@ def _add_run_flags(
         default=None,
         help="no progress bars: one plain line per epoch (the default when not on a terminal)",
     )
+    _add_liveness_flags(p)
+    if keeps_weights:
+        p.add_argument("--artifact-dir", help=ARTIFACT_DIR_HELP)
+    p.add_argument("--config", help="TOML file with defaults for these flags (keys = flag names)")
+
+
+def _add_liveness_flags(p: argparse.ArgumentParser) -> None:
+    """How a worker shows it is alive, and how long it waits out a lost database."""
     p.add_argument(
         "--heartbeat-interval",
         type=int,
@@ -116,15 +124,13 @@ def _add_run_flags(
         help=f"seconds a worker waits out a lost database connection before it stops "
         f"({OUTAGE_GRACE_S:.0f})",
     )
-    if keeps_weights:
-        p.add_argument("--artifact-dir", help=ARTIFACT_DIR_HELP)
-    p.add_argument("--config", help="TOML file with defaults for these flags (keys = flag names)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m study",
         description="LoRA fine-tuning study of BERT on Banking77 beside a full-FT baseline.",
+        epilog="Quick start: README.md#quick-start",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
@@ -338,7 +344,7 @@ def _add_winner_commands(sub: argparse._SubParsersAction) -> None:
     pr.set_defaults(run=_predict)
 
 
-def _config(args: argparse.Namespace, fixed: tuple[str, ...] = recipe.FIXED) -> StudyConfig:
+def _config(args: argparse.Namespace, fixed: tuple[str, ...] = recipe.FIXED_FLAGS) -> StudyConfig:
     """Flags > config file > the study's recipe (when the study exists) > defaults."""
     file_values = read_config_file(args.config) if args.config else None
     given = given_values(vars(args), file_values)
@@ -363,61 +369,60 @@ def _optimize(args: argparse.Namespace) -> int:
     cfg = _config(args)  # validated before the heavy imports: a bad flag answers at once
     load_space(cfg.space)  # the same for a bad --space file
     from study.runner import run_optimize
-    from study.table import format_table
 
     study, baseline = run_optimize(cfg)
     print(f"\nstudy {cfg.study_name!r} in {redact(cfg.storage)}: best LoRA trials and the baseline")
-    print(format_table(study.get_trials(deepcopy=False), baseline.get_trials(deepcopy=False)))
-    _print_fairness(cfg, study.get_trials(deepcopy=False), baseline.get_trials(deepcopy=False))
+    lora = study.get_trials(deepcopy=False)
+    _print_comparison(cfg, lora, baseline.get_trials(deepcopy=False), show_lora=True)
     return 0
 
 
 def _baseline(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from study.runner import run_baseline
-    from study.table import format_table
 
-    baseline = run_baseline(cfg)
-    trials = baseline.get_trials(deepcopy=False)
-    print(format_table([], trials))
-    lora = _load_trials(cfg.storage, cfg.study_name)
-    _print_fairness(cfg, lora, trials)
+    trials = run_baseline(cfg).get_trials(deepcopy=False)
+    _print_comparison(cfg, _load_trials(cfg.storage, cfg.study_name), trials, show_lora=False)
     return 0
 
 
 def _load_trials(url: str, name: str) -> list[FrozenTrial]:
     """The trials of study `name` in `url`, or none when it does not exist."""
-    import optuna
-
     from storage import get_storage
+    from study.studies import study_or_none
 
-    try:
-        study = optuna.load_study(study_name=name, storage=get_storage(url, None, create=False))
-    except KeyError:
-        return []
-    return study.get_trials(deepcopy=False)
+    study = study_or_none(get_storage(url, None, create=False), name)
+    return study.get_trials(deepcopy=False) if study is not None else []
 
 
-def _print_fairness(
-    cfg: StudyConfig, lora: Sequence[FrozenTrial], baseline: Sequence[FrozenTrial]
+def _print_comparison(
+    cfg: StudyConfig,
+    lora: Sequence[FrozenTrial],
+    baseline: Sequence[FrozenTrial],
+    show_lora: bool,
 ) -> None:
-    """Whether the fixed baseline is a tuned yardstick (see `baseline --sensitivity`)."""
-    from reports.sensitivity import check_trials, fairness_lines
+    """The end-of-run table (the best LoRA trials with `show_lora`, the baseline runs) and the
+    comparison's checks; `confirm`'s seed repeats, where they exist, give the baseline's noise."""
+    from objectives.record import to_records
+    from reports.comparison import compare
+    from reports.sensitivity import baseline_seed_f1s
     from study.config import CONFIRM_SUFFIX
+    from study.terminal import format_checks, format_table
 
+    lora_records = to_records(lora, cfg.study_name)
+    records = lora_records + to_records(baseline, cfg.baseline_name, baseline=True)
     confirm = _load_trials(cfg.storage, cfg.study_name + CONFIRM_SUFFIX)
-    check = check_trials(cfg.study_name, lora, baseline, cfg.baseline_name, confirm)
-    print("\nIs the baseline fair?")
-    for line in fairness_lines(check, cfg.study_name):
-        print(f"- {line}")
+    comparison = compare(records, study_name=cfg.study_name, seed_f1s=baseline_seed_f1s(confirm))
+    print(format_table(comparison, lora_records if show_lora else []))
+    print(format_checks(comparison))
 
 
 def _confirm(args: argparse.Namespace) -> int:
     check_confirm_counts(args.top, args.seeds, args.epochs)
     # --epochs here is the runs' own budget, not the study's: it may differ from the recipe
-    cfg = _config(args, fixed=tuple(k for k in recipe.FIXED if k != "epochs"))
+    cfg = _config(args, fixed=tuple(k for k in recipe.FIXED_FLAGS if k != "epochs"))
     from study.confirm import run_confirm
-    from study.table import format_confirm_table
+    from study.terminal import format_confirm_table
 
     study, _ = run_confirm(cfg, args.top, args.seeds, epochs=args.epochs)
     where = f"{study.study_name!r} in {redact(cfg.storage)}"
@@ -429,20 +434,16 @@ def _confirm(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import optuna
-
     from storage import get_storage
-    from study.studies import load_studies
+    from study.studies import load_studies, study_or_none
 
     _settle(args)
     storage = get_storage(args.storage, create=False)
     study, baseline = load_studies(storage, args.study_name)
     from reports.write import write_reports
-    from study.confirm import confirm_name
+    from study.config import CONFIRM_SUFFIX
 
-    confirm = None
-    if confirm_name(args.study_name) in optuna.get_all_study_names(storage):
-        confirm = optuna.load_study(study_name=confirm_name(args.study_name), storage=storage)
+    confirm = study_or_none(storage, args.study_name + CONFIRM_SUFFIX)
     out = Path(args.out or f"artifacts/reports/{args.study_name}")
     written = write_reports(study, baseline, out, confirm)
     print(f"wrote {len(written)} files to {out}; open {out / 'index.html'}")

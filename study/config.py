@@ -29,7 +29,6 @@ from storage import (
 
 SAMPLERS = ("tpe", "random", "gp")
 PRUNERS = ("hyperband", "median", "none")
-DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N, one GPU by its index
 DEVICE_HELP = "auto, cpu, cuda, cuda:N (GPU N) or mps"
 KEEP_POLICIES = ("all", "best", "none")  # which LoRA trials keep their weights
 BASELINE_SUFFIX = "-full-ft"

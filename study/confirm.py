@@ -29,7 +29,7 @@ from storage import get_storage
 from study.config import CONFIRM_SUFFIX, ConfigError, StudyConfig
 from study.prepare import Prepared, prepare_run
 from study.quota import optimize_quota
-from study.runner import check_identity, open_study, study_identity, study_recipe
+from study.runner import check_identity, open_study, study_identity
 from study.studies import load_studies
 
 JOB_KEYS = (Attr.SOURCE_STUDY, Attr.SOURCE_TRIAL, Attr.SEED)
@@ -164,11 +164,10 @@ def run_confirm(
     check_identity(cfg.study_name, lora, identity)  # same model and data, or refuse
     seeds = [cfg.seed + 1 + i for i in range(n_seeds)]
     jobs = plan_jobs(lora, baseline, top, seeds, epochs)
-    made_with = {**study_recipe(cfg, prep, with_space=False), "source_study": cfg.study_name}
-    made_with.pop("epochs", None)  # each run trains as many epochs as its source trial
-    study = open_study(
-        storage, confirm_name(cfg.study_name), identity, pruner=None, made_with=made_with
-    )
+    # each run trains as many epochs as its source trial: the study itself has no epochs
+    changes = {"source_study": cfg.study_name, "epochs": None}
+    name = confirm_name(cfg.study_name)
+    study = open_study(storage, name, cfg, prep, with_space=False, recipe_changes=changes)
     waiting = queue_jobs(study, jobs)
     print(
         f"confirm: {len(jobs)} runs ({top} best LoRA trial(s) and the baseline, seeds "

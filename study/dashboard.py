@@ -29,7 +29,7 @@ from storage import get_storage, redact
 from study.config import ConfigError
 
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8080
+DASHBOARD_PORT = 8080
 
 
 class DashboardError(ConfigError):
@@ -63,13 +63,16 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to a public interface, so assume it does
 
 
-def exposure_warning(host: str) -> str | None:
-    """The warning to print when serving on `host`; None on the loopback address."""
+def exposure_warning(
+    host: str, lacks: str = "optuna-dashboard has no authentication"
+) -> str | None:
+    """The warning to print when a server that `lacks` protection serves on `host`; None on the
+    loopback address."""
     if is_loopback(host):
         return None
     return (
-        f"warning: serving on {host}, not only 127.0.0.1: optuna-dashboard has no authentication,"
-        " so anyone who can reach this address and port can read, change or delete your studies"
+        f"warning: serving on {host}, not only 127.0.0.1: {lacks}, so anyone who can reach this"
+        " address and port can read, change or delete your studies"
     )
 
 
@@ -108,7 +111,7 @@ def check_port(port: int) -> None:
 def serve(
     storage_url: str,
     host: str = DEFAULT_HOST,
-    port: int = DEFAULT_PORT,
+    port: int = DASHBOARD_PORT,
     artifact_dir: str | None = None,
 ) -> int:
     """Serve optuna-dashboard for `storage_url` until Ctrl-C or SIGTERM; returns the exit code."""

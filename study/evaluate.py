@@ -21,11 +21,11 @@ import torch
 from objectives.batching import prepare_split
 from objectives.config import resolve_data_dir
 from objectives.data import IntentData, encode, load_data
-from objectives.device import detect_device
+from objectives.device import compute_dtype, detect_device
 from objectives.evaluation import predict
 from objectives.metrics import accuracy, confusion_matrix, macro_f1, per_class
 from objectives.record import TrialRecord
-from objectives.weights import Restored, atomic_folder, inference_dtype
+from objectives.weights import Restored, atomic_folder
 from study import recipe
 from study.keeper import heldout_fingerprint
 from study.restore import WinnersError, restore_trial, trial_summary
@@ -45,26 +45,24 @@ class Recomputed:
     dtype: str
 
 
-def check_data(restored: Restored, data: IntentData, source: str) -> None:
-    """Refuse data other than the data the trial's metrics were measured on."""
-    info = restored.info
+def check_data(restored: Restored, data: IntentData, other: bool) -> None:
+    """Refuse data the model cannot be measured on (other intents) and, unless it is `other`
+    data on purpose, other validation or test texts than the trial's metrics come from."""
+    info, source = restored.info, data.source
     if tuple(data.label_names) != info.labels:
-        raise WinnersError(
-            f"the intents in {source} differ from the {len(info.labels)} the trial was trained on; "
-            "pass the --data-dir the study used"
+        trained = (
+            f"the intents in {source} differ from the {len(info.labels)} the trial was trained on"
         )
-    if heldout_fingerprint(data) != info.heldout_fingerprint:
+        why = (
+            ": the model cannot be measured on them"
+            if other
+            else "; pass the --data-dir the study used"
+        )
+        raise WinnersError(trained + why)
+    if not other and heldout_fingerprint(data) != info.heldout_fingerprint:
         raise WinnersError(
             f"the validation or test texts in {source} differ from those the trial was measured "
             "on; pass the --data-dir the study used"
-        )
-
-
-def check_labels(restored: Restored, data: IntentData, source: str) -> None:
-    if tuple(data.label_names) != restored.info.labels:
-        raise WinnersError(
-            f"the intents in {source} differ from the {len(restored.info.labels)} the trial was "
-            "trained on: the model cannot be measured on them"
         )
 
 
@@ -80,13 +78,7 @@ def evaluation_data(
     if given is not None:
         return given, recorded is not None and recipe.data_source(given) != recorded
     if recorded is not None:
-        folder = recipe.defaults(made_with)["data_dir"]
-        if folder is not None and not Path(folder).is_dir():
-            raise WinnersError(
-                f"study {study_name!r} was made with the data folder {folder}, which no longer "
-                "exists; pass --data-dir with the same Banking77 CSVs"
-            )
-        return folder, False
+        return recipe.recorded_data(made_with, study_name), False
     return resolve_data_dir(None), False
 
 
@@ -97,7 +89,7 @@ def recompute(restored: Restored, data: IntentData, split: str, device: torch.de
     info = restored.info
     encoded = encode(data, restored.tokenizer, info.max_length)
     prepared = prepare_split(getattr(encoded, split), encoded.pad_token_id, device)
-    dtype = inference_dtype(device, info.mixed_precision)
+    dtype = compute_dtype(device, info.mixed_precision)
     preds = predict(restored.model.to(device), prepared, dtype)
     n = len(info.labels)
     return Recomputed(
@@ -148,8 +140,9 @@ def metrics_doc(result: Recomputed, summary: dict[str, Any], stored: dict[str, A
 
 
 def write_evaluation(folder: Path, result: Recomputed, doc: dict[str, Any], title: str) -> None:
+    from reports.figures import confusion_figure
     from reports.perclass import Confusion
-    from reports.png import confusion_png, save
+    from reports.png import save
 
     (folder / "metrics.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
     rows = per_class_rows(result)
@@ -157,9 +150,8 @@ def write_evaluation(folder: Path, result: Recomputed, doc: dict[str, Any], titl
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    save(
-        confusion_png(Confusion(list(result.labels), result.confusion), title), folder / OUTPUTS[2]
-    )
+    figure = confusion_figure(Confusion(list(result.labels), result.confusion), title)
+    save(figure, folder / OUTPUTS[2])
 
 
 def default_out(study_name: str, trial_number: int, split: str) -> Path:
@@ -188,10 +180,7 @@ def evaluate_trial(
     made_with = recipe.load(storage_url, study_name) or recipe.load(storage_url, name)
     data_dir, other = evaluation_data(data_dir, made_with, study_name)
     data = load_data(data_dir)  # val and test do not depend on --max-train-samples
-    if other:  # another test set is the point: the model's intents must still match
-        check_labels(restored, data, data.source)
-    else:
-        check_data(restored, data, data.source)
+    check_data(restored, data, other)  # another test set may be the point, not other intents
     result = recompute(restored, data, split, device)
     r = TrialRecord.from_trial(trial, name)
     stored = {

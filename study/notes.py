@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from objectives.record import TrialRecord, best_trials, state_counts
-from reports.sensitivity import check_trials, fairness_lines
+from objectives.record import TrialRecord, count_states, ranked, to_records
+from reports.comparison import compare, note_lines
+from reports.sensitivity import baseline_seed_f1s
 from reports.tables import CostKey
 from study.config import CONFIRM_SUFFIX
 
-# The note shares the end-of-run table's row format, so the terminal and the dashboard agree.
-from study.table import COLUMNS, trial_row
+# The note shares the terminal table's row format, so the terminal and the dashboard agree.
+from study.terminal import TRIAL_COLUMNS, trial_row
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -37,9 +38,9 @@ if TYPE_CHECKING:
 DASHBOARD_PACKAGES = ("optuna_dashboard", "plotly")
 
 
-def dashboard_missing() -> str | None:
-    """The first package the dashboard note and plots need that is not installed, or None."""
-    for name in DASHBOARD_PACKAGES:
+def missing_package(names: Sequence[str]) -> str | None:
+    """The first of the packages `names` that is not installed (as pip names it), or None."""
+    for name in names:
         try:
             found = importlib.util.find_spec(name) is not None
         except (ImportError, ValueError):  # a blocked or half-imported module
@@ -47,6 +48,11 @@ def dashboard_missing() -> str | None:
         if not found:
             return name.replace("_", "-")
     return None
+
+
+def dashboard_missing() -> str | None:
+    """The first package the dashboard note and plots need that is not installed, or None."""
+    return missing_package(DASHBOARD_PACKAGES)
 
 
 # Fixed custom-plot ids: saving under the same id replaces the figure instead of adding one.
@@ -60,63 +66,49 @@ OBJECTIVE_TEXT = (
 )
 
 
-def _table(rows: Sequence[tuple[str, FrozenTrial]]) -> list[str]:
-    head = ("trial", *COLUMNS)
+def _table(rows: Sequence[tuple[str, TrialRecord]]) -> list[str]:
+    head = ("trial", *TRIAL_COLUMNS)
     # Numbers align right so digits line up; the three text columns stay left.
     align = ["---" if c in ("trial", "mode", "scheduler") else "---:" for c in head]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join([label, *trial_row(t)]) + " |" for label, t in rows]
+    lines += ["| " + " | ".join([label, *trial_row(r)]) + " |" for label, r in rows]
     return lines
 
 
 STATE_WORDS = {
-    TrialState.COMPLETE: "complete",
-    TrialState.PRUNED: "pruned",
-    TrialState.FAIL: "failed",
-    TrialState.RUNNING: "running",
-    TrialState.WAITING: "waiting",
+    "COMPLETE": "complete",
+    "PRUNED": "pruned",
+    "FAIL": "failed",
+    "RUNNING": "running",
+    "WAITING": "waiting",
 }
 
 
-def _counts(trials: Sequence[FrozenTrial]) -> str:
-    counts = state_counts(trials)
-    # Finished states always show (a 0 is news too); running and waiting only when present.
-    shown = [f"{counts[s]} {w}" for s, w in STATE_WORDS.items() if counts[s] or s.is_finished()]
+def _states_sentence(trials: Sequence[FrozenTrial]) -> str:
+    """`4 trials (3 complete, 1 pruned, 0 failed)`: finished states always (a 0 is news too),
+    running and waiting only when present."""
+    counts = count_states(trials)
+    shown = [
+        f"{counts[s]} {word}"
+        for s, word in STATE_WORDS.items()
+        if counts[s] or TrialState[s].is_finished()
+    ]
     return f"{len(trials)} trial{'' if len(trials) == 1 else 's'} ({', '.join(shown)})"
 
 
-def comparison(best: FrozenTrial, base: FrozenTrial) -> list[str]:
-    """Bullets: the F1 gap in points and what the LoRA trial costs relative to the baseline."""
-    lines = []
-    r, b = TrialRecord.from_trial(best, ""), TrialRecord.from_trial(base, "", baseline=True)
-    f1, base_f1 = r.val_f1, b.val_f1
-    if f1 is not None and base_f1 is not None:
-        gap = 100 * (f1 - base_f1)  # in F1 points, the unit papers and the reference use
-        verdict = (
-            "equal to the baseline"
-            if round(gap, 2) == 0
-            else f"{abs(gap):.2f} points {'above' if gap > 0 else 'below'} the baseline"
-        )
-        lines.append(f"- validation macro-F1 {f1:.4f} vs {base_f1:.4f}: {verdict}")
-    test, base_test = r.test_f1, b.test_f1
-    if test is not None and base_test is not None:
-        lines.append(
-            f"- test macro-F1 {test:.4f} vs {base_test:.4f} (reported, not used to choose)"
-        )
-    params, base_params = r.trainable_params, b.trainable_params
-    if params is not None and base_params:
-        lines.append(
-            f"- trainable parameters {params:,.0f} vs {base_params:,.0f}:"
-            f" {100 * params / base_params:.2f}% of the baseline's"
-        )
-    # the time a user waits for each: setup (device copy, graph capture, optimizer) + epochs
-    time, base_time = r.wait_time_s, b.wait_time_s
-    if time is not None and base_time:
-        lines.append(
-            f"- training time (setup included) {time:.1f} s vs {base_time:.1f} s:"
-            f" {time / base_time:.2f}x the baseline's"
-        )
-    return lines
+PLOTS_TEXT = [
+    "",
+    "### Custom plots (on the study's main page)",
+    "",
+    "Validation F1 against trainable parameters (log scale) and against training time (setup"
+    " included): every"
+    " COMPLETE trial, the Pareto front (best F1 for its cost) highlighted, pruned trials as"
+    " crosses at the best F1 they reached, and the baseline as a star with a dashed line at"
+    " its F1.",
+    "",
+    "_Written by `python -m study optimize` after every trial; edits made here are"
+    " overwritten. Use trial notes for your own remarks._",
+]
 
 
 def study_note(
@@ -127,60 +119,43 @@ def study_note(
     top: int = 5,
     confirm: Sequence[FrozenTrial] = (),
 ) -> str:
-    """The Markdown note of the LoRA study: best LoRA trial vs the baseline, whether the baseline
-    is tuned (`confirm`'s trials give its seed noise), then the top trials."""
-    ranked = best_trials(lora, top)
-    base = best_trials(baseline, 1)
-    best, base_trial = (ranked[0] if ranked else None), (base[0] if base else None)
+    """The Markdown note of the LoRA study: best LoRA trial vs the baseline, the comparison's
+    checks (`confirm`'s trials give the baseline's seed noise), then the top trials."""
+    records = to_records(lora, study_name) + to_records(baseline, baseline_name, baseline=True)
+    c = compare(records, study_name=study_name, seed_f1s=baseline_seed_f1s(confirm))
+    best, base = c.best_lora, c.baseline
     lines = [
         f"## LoRA vs full fine-tuning: `{study_name}`",
         "",
         f"Objective {OBJECTIVE_TEXT}",
         "",
-        f"LoRA study: {_counts(lora)}. Baseline study `{baseline_name}`: {_counts(baseline)}.",
+        f"LoRA study: {_states_sentence(lora)}. "
+        f"Baseline study `{baseline_name}`: {_states_sentence(baseline)}.",
         "",
         "### Best LoRA trial and the baseline",
         "",
     ]
-    rows = []
-    if best is not None:
-        rows.append((f"#{best.number}", best))
-    if base_trial is not None:
-        rows.append((f"baseline #{base_trial.number}", base_trial))
+    rows = [(f"#{best.number}", best)] if best is not None else []
+    rows += [(f"baseline #{base.number}", base)] if base is not None else []
     if rows:
-        lines += _table(rows)
-        lines.append("")
+        lines += [*_table(rows), ""]
     if best is None:
         lines.append("No COMPLETE LoRA trial yet; this note is refreshed after every trial.")
-    if base_trial is None:
+    if base is None:
         running = any(t.state == TrialState.RUNNING for t in baseline)
         lines.append(
             "The baseline is running." if running else "No COMPLETE baseline run in this storage."
         )
-    if best is not None and base_trial is not None:
-        lines.append(f"Best LoRA trial #{best.number} against the full fine-tuning baseline:")
-        lines.append("")
-        lines += comparison(best, base_trial)
-    check = check_trials(study_name, lora, baseline, baseline_name, confirm)
-    lines += ["", "### Is the baseline fair?", ""]
-    lines += [f"- {line}" for line in fairness_lines(check, study_name)]
-    if len(ranked) > 1:
-        lines += ["", f"### Top {len(ranked)} LoRA trials by validation F1", ""]
-        lines += _table([(f"#{t.number}", t) for t in ranked])
-    lines += [
-        "",
-        "### Custom plots (on the study's main page)",
-        "",
-        "Validation F1 against trainable parameters (log scale) and against training time (setup"
-        " included): every"
-        " COMPLETE trial, the Pareto front (best F1 for its cost) highlighted, pruned trials as"
-        " crosses at the best F1 they reached, and the baseline as a star with a dashed line at"
-        " its F1.",
-        "",
-        "_Written by `python -m study optimize` after every trial; edits made here are"
-        " overwritten. Use trial notes for your own remarks._",
-    ]
-    return "\n".join(lines) + "\n"
+    if best is not None and base is not None:
+        lines += [f"Best LoRA trial #{best.number} against the full fine-tuning baseline:", ""]
+        lines += note_lines(c)
+    for check in c.checks:
+        lines += ["", f"### {check.title}", "", *(f"- {line}" for line in check.lines)]
+    top_lora = ranked(r for r in records if not r.baseline)[:top]
+    if len(top_lora) > 1:
+        lines += ["", f"### Top {len(top_lora)} LoRA trials by validation F1", ""]
+        lines += _table([(f"#{r.number}", r) for r in top_lora])
+    return "\n".join([*lines, *PLOTS_TEXT]) + "\n"
 
 
 def baseline_note(study_name: str) -> str:
@@ -231,17 +206,14 @@ class DashboardNotes:
         self.refresh(study)
 
     def refresh(self, study: optuna.Study) -> None:
+        from study.studies import study_or_none
+
         try:
-            confirm = self._load(study.study_name + CONFIRM_SUFFIX)
-            publish(study, self._load(self.baseline_name), self.baseline_name, confirm)
+            confirm = study_or_none(self.storage, study.study_name + CONFIRM_SUFFIX)
+            baseline = study_or_none(self.storage, self.baseline_name)
+            publish(study, baseline, self.baseline_name, confirm)
         except Exception as e:  # noqa: BLE001 - see the class docstring
             print(f"warning: could not update the dashboard note: {e}", file=sys.stderr)
-
-    def _load(self, name: str) -> optuna.Study | None:
-        try:
-            return optuna.load_study(study_name=name, storage=self.storage)
-        except KeyError:
-            return None
 
 
 def publish(

@@ -90,7 +90,7 @@ def read_texts(path: Path) -> list[str]:
     return texts
 
 
-def classify(
+def top_intents(
     model: nn.Module,
     tokenizer: Any,
     texts: list[str],
@@ -150,11 +150,10 @@ def run_predict(
     if top_k < 1:
         raise PredictError(f"--top-k must be a positive number, got {top_k}")
     folder = _model_folder(model_dir)
-    from objectives.device import detect_device
-    from objectives.weights import inference_dtype
+    from objectives.device import compute_dtype, detect_device
 
     device = detect_device(device_name)
     model, tokenizer = load_exported(folder)
-    return classify(
-        model, tokenizer, texts, device, inference_dtype(device, mixed_precision), top_k
+    return top_intents(
+        model, tokenizer, texts, device, compute_dtype(device, mixed_precision), top_k
     )

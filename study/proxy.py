@@ -22,25 +22,14 @@ import optuna
 
 from storage import StorageError, get_storage, parse_url, redact
 from study.config import ConfigError
-from study.dashboard import check_port, is_loopback, until_stopped
+from study.dashboard import check_port, exposure_warning, until_stopped
 
-DEFAULT_PORT = 13000
+LACKS = "the storage proxy has no authentication or encryption"
 THREADS = 10  # Optuna's default: calls are short; more threads would only queue in the pool
 
 
 class ProxyError(ConfigError):
     """The server cannot start as asked (port taken, bad address): a message for the user."""
-
-
-def exposure_warning(host: str) -> str | None:
-    """The warning to print when serving on `host`; None on the loopback address."""
-    if is_loopback(host):
-        return None
-    return (
-        f"warning: serving on {host}, not only 127.0.0.1: the storage proxy has no "
-        "authentication or encryption, so anyone who can reach this address and port can "
-        "read, change or delete your studies"
-    )
 
 
 def make_proxy_server(storage: optuna.storages.BaseStorage, host: str, port: int):
@@ -79,7 +68,7 @@ def serve_proxy(storage_url: str, host: str, port: int, outage_grace_s: float) -
     # answered from memory, so many workers' samplers do not each reread the whole study.
     storage = optuna.storages.get_storage(backend)
     server, bound = make_proxy_server(storage, host, port)
-    warning = exposure_warning(host)
+    warning = exposure_warning(host, LACKS)
     if warning:
         print(warning, file=sys.stderr, flush=True)
     server.start()

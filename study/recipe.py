@@ -10,9 +10,9 @@ store and the project version. Later commands take every flag they are not given
 A flag that is given and differs from the recipe is refused when it would change what the
 trials measure (`FIXED`: model, subsample, max length, epochs, precision; data and space are
 checked by their fingerprints when loaded), and accepted where a new value is legitimate (seed,
-sampler, pruner, artifact store: how the search goes on, not what it measures). Studies made
-before recipes were stored fall back to what their trials recorded (model, epochs, seed), then
-to the flags' defaults.
+sampler, pruner, artifact store: how the search goes on, not what it measures). A study with
+finished trials but no recipe was made by an older version of this project, whose trials lack
+attributes this one reads; it is refused with one line (`older_version`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ PLAIN = ("model", "max_train_samples", "max_length", "epochs", "seed", "mixed_pr
 SEARCH = ("pruner", "sampler")  # only meaningful for the LoRA study
 # Flags that, given with another value than the study's, are refused: the trials would measure
 # something else. `data_dir` and `space` are checked by fingerprint and definition instead.
-FIXED = ("model", "max_train_samples", "max_length", "epochs", "mixed_precision")
+FIXED_FLAGS = ("model", "max_train_samples", "max_length", "epochs", "mixed_precision")
 FLAG_NAMES = {"mixed_precision": "--no-mixed-precision"}
 
 
@@ -82,9 +82,9 @@ def make_recipe(
     return {k: v for k, v in recipe.items() if v is not None}
 
 
-def record(study: optuna.Study, recipe: Mapping[str, Any]) -> None:
-    """Store the recipe's keys the study does not have yet (older studies gain them on resume;
-    what a study already records is never changed)."""
+def remember(study: optuna.Study, recipe: Mapping[str, Any]) -> None:
+    """Store the recipe's keys the study does not have yet (a study created by plain Optuna
+    gains them when a command first runs it; what a study already records is never changed)."""
     stored = study.user_attrs
     for key, value in recipe.items():
         if key not in stored:
@@ -92,18 +92,19 @@ def record(study: optuna.Study, recipe: Mapping[str, Any]) -> None:
 
 
 def read(study: optuna.Study) -> dict[str, Any]:
-    """The recipe of a study; for one made before recipes, what its trials recorded."""
+    """The recipe of a study; refused (`ConfigError`) for one made by an older version."""
     recipe = dict(study.user_attrs)
-    if "epochs" not in recipe or "seed" not in recipe:
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-            attrs = t.user_attrs
-            if "max_epochs" in attrs:
-                recipe.setdefault("epochs", attrs["max_epochs"])
-            if "seed" in attrs and "source_study" not in attrs:  # a confirm run's seed is its own
-                recipe.setdefault("seed", attrs["seed"])
-            if "epochs" in recipe and "seed" in recipe:
-                break
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    if "version" not in recipe and study.get_trials(deepcopy=False, states=finished):
+        raise ConfigError(older_version(study.study_name))
     return recipe
+
+
+def older_version(study_name: str) -> str:
+    return (
+        f"study {study_name!r} was made by an older version of this project, whose trials lack "
+        "attributes this version reads; start a new study with another --study-name"
+    )
 
 
 def load(storage_url: str, study_name: str) -> dict[str, Any]:
@@ -140,7 +141,7 @@ def merge(
     given: Mapping[str, Any],
     recipe: Mapping[str, Any],
     study_name: str,
-    fixed: tuple[str, ...] = FIXED,
+    fixed: tuple[str, ...] = FIXED_FLAGS,
 ) -> dict[str, Any]:
     """The study's recipe for the flags not given, then the given ones; a given `fixed` flag
     that differs from the recipe is refused."""
@@ -153,11 +154,17 @@ def merge(
                 f"{given[key]!r}: leave {flag} out to use the study's, or pass another "
                 "--study-name to start a new study"
             )
-    values.update(given)
-    data_dir = values.get("data_dir")
-    if "data_dir" not in given and data_dir and not Path(data_dir).is_dir():
+    if "data_dir" not in given:
+        recorded_data(recipe, study_name)
+    return {**values, **given}
+
+
+def recorded_data(recipe: Mapping[str, Any], study_name: str) -> str | None:
+    """The data folder the study was made with (None: the Hub); refused once it is gone."""
+    folder = defaults(recipe).get("data_dir")
+    if folder and not Path(folder).is_dir():
         raise ConfigError(
-            f"study {study_name!r} was made with the data folder {data_dir}, which no longer "
+            f"study {study_name!r} was made with the data folder {folder}, which no longer "
             "exists; pass --data-dir with the same Banking77 CSVs"
         )
-    return values
+    return folder

@@ -67,8 +67,8 @@ def fetch_weights(store_dir: Path, study_name: str, trial: FrozenTrial, folder: 
     label = f"trial {trial.number} of study {study_name!r}"
     if not artifact_id:
         raise WinnersError(
-            f"{label} kept no weights (run with --keep none, not in the --keep-top best when it "
-            "ended, or run before weights were kept)"
+            f"{label} kept no weights (run with --keep none, or not in the --keep-top best when "
+            "it ended)"
         )
     try:
         reader = FileSystemArtifactStore(store_dir).open_reader(artifact_id)

@@ -105,13 +105,19 @@ def study_recipe(cfg: StudyConfig, prep: Prepared, with_space: bool) -> dict[str
 def open_study(
     storage: optuna.storages.BaseStorage,
     name: str,
-    identity: dict[str, Any],
+    cfg: StudyConfig,
+    prep: Prepared,
+    with_space: bool,
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
-    made_with: dict[str, Any] | None = None,
+    recipe_changes: dict[str, Any] | None = None,
 ) -> optuna.Study:
-    """Load the study if it exists (refusing one made differently), else create it; either
-    way it remembers `made_with`, its recipe (keys it already has are kept)."""
+    """Load study `name` if it exists (refusing one made differently, `study_identity`), else
+    create it; either way it remembers its recipe (`study_recipe` with `recipe_changes`, a None
+    value leaving its key out; keys it already has are kept)."""
+    identity = study_identity(cfg, prep, with_space)
+    made = {**study_recipe(cfg, prep, with_space), **(recipe_changes or {})}
+    made_with = {key: value for key, value in made.items() if value is not None}
     try:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:
@@ -127,10 +133,10 @@ def open_study(
             study.set_metric_names([OBJECTIVE_NAME])
             for key, value in identity.items():
                 study.set_user_attr(key, value)
-            recipe.record(study, made_with or {})
+            recipe.remember(study, made_with)
             return study
     check_identity(name, study, identity)
-    recipe.record(study, made_with or {})
+    recipe.remember(study, made_with)
     return study
 
 
@@ -167,15 +173,35 @@ def ensure_baseline(
     would fail again on every call; `force` (the `baseline` command) runs it again. Every run is
     queued first and the queue is then trained, so an interrupted call resumes where it stopped.
     """
-    study = open_study(
-        storage,
-        cfg.baseline_name,
-        study_identity(cfg, prep, with_space=False),
-        pruner=None,
-        made_with=study_recipe(cfg, prep, with_space=False),
-    )
+    study = open_study(storage, cfg.baseline_name, cfg, prep, with_space=False)
     optuna.storages.fail_stale_trials(study)
-    trials = study.get_trials(deepcopy=False)
+    queue = _missing_runs(study.get_trials(deepcopy=False), force, sensitivity)
+    for attrs in queue:
+        study.enqueue_trial({}, user_attrs=attrs)
+    # Optuna trains queued trials oldest first, whichever this call queued: train them all.
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    fixed_waiting = any(not is_neighbour(t.user_attrs) for t in waiting)
+    if not waiting or not (queue or fixed_waiting or sensitivity):
+        return study
+    what = "baseline" if not sensitivity else "baseline and its learning-rate neighbours"
+    print(
+        f"running the full fine-tuning {what} ({len(waiting)} run(s)) into study "
+        f"{cfg.baseline_name!r}",
+        file=sys.stderr,
+    )
+    objective = BaselineObjective(
+        cfg.train_config("full"),
+        keeping_weights(prep, cfg, always=True),  # the baseline keeps its weights whatever --keep
+    )
+    optimize_quota(study, objective, n_trials=len(waiting), catch=TRIAL_FAILURES)
+    return study
+
+
+def _missing_runs(
+    trials: Sequence[FrozenTrial], force: bool, sensitivity: bool
+) -> list[dict[str, Any]]:
+    """The user attributes of the baseline runs to queue: the fixed run unless one is active
+    (or failed for a reason of its own, without `force`), and the missing neighbours."""
     active = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
     fixed = [t for t in trials if not is_neighbour(t.user_attrs)]
     queue: list[dict[str, Any]] = []
@@ -199,25 +225,7 @@ def ensure_baseline(
             for f in SENSITIVITY_FACTORS
             if round(f, 6) not in present
         ]
-    for attrs in queue:
-        study.enqueue_trial({}, user_attrs=attrs)
-    # Optuna trains queued trials oldest first, whichever this call queued: train them all.
-    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    fixed_waiting = any(not is_neighbour(t.user_attrs) for t in waiting)
-    if not waiting or not (queue or fixed_waiting or sensitivity):
-        return study
-    what = "baseline" if not sensitivity else "baseline and its learning-rate neighbours"
-    print(
-        f"running the full fine-tuning {what} ({len(waiting)} run(s)) into study "
-        f"{cfg.baseline_name!r}",
-        file=sys.stderr,
-    )
-    objective = BaselineObjective(
-        cfg.train_config("full"),
-        keeping_weights(prep, cfg, always=True),  # the baseline keeps its weights whatever --keep
-    )
-    optimize_quota(study, objective, n_trials=len(waiting), catch=TRIAL_FAILURES)
-    return study
+    return queue
 
 
 def run_baseline(cfg: StudyConfig) -> optuna.Study:
@@ -251,10 +259,11 @@ def optimize_worker(
     study = open_study(
         storage,
         cfg.study_name,
-        study_identity(cfg, prep, with_space=True),
+        cfg,
+        prep,
+        with_space=True,
         sampler=make_sampler(cfg.sampler, cfg.sampler_base_seed + worker),
         pruner=make_pruner(cfg.pruner, cfg.epochs),
-        made_with=study_recipe(cfg, prep, with_space=True),
     )
     objective = LoraObjective(prep.space, cfg.train_config(), keeping_weights(prep, cfg))
     optimize_quota(  # study.optimize, surviving a trial taken over after a database outage
@@ -316,11 +325,7 @@ def run_workers(
 ) -> optuna.Study:
     """`cfg.n_trials` new LoRA trials, shared among `cfg.workers` processes (this one included),
     each with its own model copy, all writing to `storage` (that of `cfg.storage`)."""
-    identity = study_identity(cfg, prep, with_space=True)
-    # created here, before the workers race for it
-    lora = open_study(
-        storage, cfg.study_name, identity, made_with=study_recipe(cfg, prep, with_space=True)
-    )
+    lora = open_study(storage, cfg.study_name, cfg, prep, with_space=True)  # before the workers
     missing = dashboard_missing()
     if missing:  # said once here, instead of by every worker after every trial
         print(

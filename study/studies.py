@@ -9,18 +9,17 @@ study, and the model and data it was made with (its recipe). Optuna's own `optun
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import optuna
 from optuna.trial import FrozenTrial
 
-from objectives.record import best_trials
+from objectives.record import best_trials, count_states
+from study import recipe
 from study.config import BASELINE_SUFFIX, CONFIRM_SUFFIX, ConfigError
-from study.table import _aligned
+from study.terminal import aligned
 
-COLUMNS = ("study", "role", "trials", "best val F1", "baseline val F1", "model", "data")
+STUDY_COLUMNS = ("study", "role", "trials", "best val F1", "baseline val F1", "model", "data")
 WIDE = 40  # longer model or data paths keep their end, where the name is
 
 
@@ -32,9 +31,10 @@ def role_of(name: str) -> str:
     return "LoRA study"
 
 
-def state_counts(trials: Sequence[FrozenTrial]) -> str:
-    counts = Counter(t.state.name.lower() for t in trials)
-    parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+def _trials_cell(trials: Sequence[FrozenTrial]) -> str:
+    """`6 (3 complete, 3 pruned)`, states in alphabetical order."""
+    counts = sorted(count_states(trials).items())
+    parts = ", ".join(f"{n} {state.lower()}" for state, n in counts)
     return f"{len(trials)}" + (f" ({parts})" if parts else "")
 
 
@@ -48,51 +48,27 @@ def _short(text: object) -> str:
     return text if len(text) <= WIDE else "..." + text[-(WIDE - 3) :]
 
 
-@dataclass(frozen=True)
-class StudyLine:
-    name: str
-    role: str
-    trials: str
-    best: str
-    baseline: str
-    model: str
-    data: str
-
-    def cells(self) -> list[str]:
-        return [self.name, self.role, self.trials, self.best, self.baseline, self.model, self.data]
-
-
-def study_lines(studies: Sequence[optuna.Study]) -> list[StudyLine]:
-    """One line per study, by name; each LoRA study is followed by its baseline and confirm."""
+def study_rows(studies: Sequence[optuna.Study]) -> list[list[str]]:
+    """One row per study in `STUDY_COLUMNS` order; each LoRA study is followed by its baseline
+    and its confirm study."""
     trials = {s.study_name: s.get_trials(deepcopy=False) for s in studies}
-    lines = []
-    for s in studies:
-        name, attrs = s.study_name, s.user_attrs
-        role = role_of(name)
-        baseline = trials.get(name + BASELINE_SUFFIX) if role == "LoRA study" else None
-        lines.append(
-            StudyLine(
-                name=name,
-                role=role,
-                trials=state_counts(trials[name]),
-                best=best_text(trials[name]),
-                baseline=best_text(baseline) if baseline is not None else "-",
-                model=_short(attrs.get("model")),
-                data=_short(attrs.get("data_source", attrs.get("data_fingerprint"))),
-            )
-        )
-    family = {line.name: line.name.removesuffix(BASELINE_SUFFIX).removesuffix(CONFIRM_SUFFIX)
-              for line in lines}  # fmt: skip
     order = {"LoRA study": 0, "baseline": 1, "confirm": 2}
-    return sorted(lines, key=lambda line: (family[line.name], order[line.role]))
-
-
-def format_studies(lines: Sequence[StudyLine]) -> str:
-    if not lines:
-        return "no studies in this storage"
-    return _aligned(
-        COLUMNS, [line.cells() for line in lines], left=("study", "role", "model", "data")
-    )
+    rows = []
+    for s in studies:
+        name, attrs, role = s.study_name, s.user_attrs, role_of(s.study_name)
+        baseline = trials.get(name + BASELINE_SUFFIX) if role == "LoRA study" else None
+        family = name.removesuffix(BASELINE_SUFFIX).removesuffix(CONFIRM_SUFFIX)
+        row = [
+            name,
+            role,
+            _trials_cell(trials[name]),
+            best_text(trials[name]),
+            best_text(baseline) if baseline is not None else "-",
+            _short(attrs.get("model")),
+            _short(attrs.get("data_source", attrs.get("data_fingerprint"))),
+        ]
+        rows.append(((family, order[role]), row))
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]
 
 
 def all_studies(storage: optuna.storages.BaseStorage) -> list[optuna.Study]:
@@ -103,7 +79,10 @@ def all_studies(storage: optuna.storages.BaseStorage) -> list[optuna.Study]:
 
 
 def list_studies(storage: optuna.storages.BaseStorage) -> str:
-    return format_studies(study_lines(all_studies(storage)))
+    rows = study_rows(all_studies(storage))
+    if not rows:
+        return "no studies in this storage"
+    return aligned(STUDY_COLUMNS, rows, left=("study", "role", "model", "data"))
 
 
 def load_studies(
@@ -115,10 +94,17 @@ def load_studies(
         raise ConfigError(
             f"no study named {name!r} in this storage; it has: {', '.join(names) or 'no studies'}"
         )
-    baseline_name = name + BASELINE_SUFFIX
-    baseline = (
-        optuna.load_study(study_name=baseline_name, storage=storage)
-        if baseline_name in names
-        else None
-    )
-    return optuna.load_study(study_name=name, storage=storage), baseline
+    study = optuna.load_study(study_name=name, storage=storage)
+    baseline = study_or_none(storage, name + BASELINE_SUFFIX)
+    for made in (study, baseline):
+        if made is not None:
+            recipe.read(made)  # a study made by an older version is refused here
+    return study, baseline
+
+
+def study_or_none(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study | None:
+    """Study `name` of the storage, or None when it has none of that name."""
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None

@@ -20,9 +20,9 @@ from helpers import tiny_context
 from objectives.config import FULL_FT_DEFAULTS, LORA_DEFAULTS
 from objectives.data import encode, load_data
 from objectives.model import build_model, load_pretrained
-from study.bench.config import BenchConfig, validate
+from study.bench.config import BenchConfig, validate_bench
 from study.bench.loops import alternating
-from study.bench.memory import PeakMemory, rss_mb
+from study.bench.memory import BlockPeakMemory, rss_mb
 from study.bench.reference import train_reference, training_arguments
 from study.cli import main
 from study.config import ConfigError
@@ -80,7 +80,7 @@ def test_alternating_order_swaps_every_repeat() -> None:
 )
 def test_bad_settings_are_refused(change) -> None:
     with pytest.raises(ConfigError):
-        validate(replace(BenchConfig(), **change))
+        validate_bench(replace(BenchConfig(), **change))
 
 
 def test_bad_flag_exits_2_with_one_line(capsys) -> None:
@@ -103,7 +103,7 @@ def _touch_64_mib() -> None:
 @LINUX_RSS
 def test_peak_memory_on_cpu_sees_a_block_freed_before_it_ends() -> None:
     before = rss_mb()
-    with PeakMemory(torch.device("cpu"), interval_s=0.001) as mem:
+    with BlockPeakMemory(torch.device("cpu"), interval_s=0.001) as mem:
         _touch_64_mib()
     assert mem.peak_mb - before >= 48
 
@@ -111,9 +111,9 @@ def test_peak_memory_on_cpu_sees_a_block_freed_before_it_ends() -> None:
 @LINUX_RSS
 def test_peak_memory_on_cpu_is_the_blocks_peak_not_the_processes() -> None:
     """Two runs in one process: the second's peak must not be the first one's."""
-    with PeakMemory(torch.device("cpu"), interval_s=0.001) as busy:
+    with BlockPeakMemory(torch.device("cpu"), interval_s=0.001) as busy:
         _touch_64_mib()
-    with PeakMemory(torch.device("cpu"), interval_s=0.001) as quiet:
+    with BlockPeakMemory(torch.device("cpu"), interval_s=0.001) as quiet:
         time.sleep(0.02)
     assert quiet.peak_mb <= busy.peak_mb - 32
 

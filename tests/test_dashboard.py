@@ -34,7 +34,7 @@ from study import notes
 from study.cli import main
 from study.dashboard import dashboard_url, exposure_warning, is_loopback
 from study.notes import FIGURE_IDS, dashboard_figures, study_note
-from study.table import COLUMNS
+from study.terminal import TRIAL_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 120  # the command imports torch and transformers; CI machines can be slow
@@ -69,6 +69,7 @@ def lora_trial(number: int, val: float, test: float, params: int, time_s: float)
             "total_params": 110_000_000,
             "trainable_share_pct": 100 * params / 110_000_000,
             "train_time_s": time_s,
+            "setup_time_s": 0.0,
             "val_f1": val,
             "test_f1": test,
             "epochs_run": 6,
@@ -89,6 +90,7 @@ def baseline_trial() -> FrozenTrial:
             "total_params": 109_000_000,
             "trainable_share_pct": 100.0,
             "train_time_s": 400.0,
+            "setup_time_s": 0.0,
             "val_f1": 0.93,
             "test_f1": 0.925,
             "epochs_run": 6,
@@ -132,7 +134,7 @@ def test_note_puts_the_best_lora_trial_beside_the_baseline() -> None:
         intermediate_values={1: 0.2},
     )
     note = study_note("banking77", [*lora, pruned], [baseline_trial()], "banking77-full-ft")
-    assert "| trial | " + " | ".join(COLUMNS) + " |" in note
+    assert "| trial | " + " | ".join(TRIAL_COLUMNS) + " |" in note
     best_row = next(line for line in note.splitlines() if line.startswith("| #1 |"))
     assert "1,090,000" in best_row and "0.9100" in best_row
     assert any(line.startswith("| baseline #0 | full |") for line in note.splitlines())

@@ -1,24 +1,37 @@
 """`python -m study device-check`, and the commands a GPU machine runs, without plotly & co.
 
-The GPU machines have torch, transformers, peft, scikit-learn, numpy and tqdm, but not plotly,
+A GPU machine may have torch, transformers, peft, scikit-learn, numpy and tqdm, but not plotly,
 matplotlib, optuna-dashboard or datasets. A `sitecustomize` on PYTHONPATH hides those packages
 from every process of a command (spawned workers included), as if they were not installed.
-Checked: that the commands run and that device-check's JSON is complete; never how fast.
+Checked: that the commands run and that device-check's figures agree with what it ran (never
+how fast, on a CPU); and its verdict, on stand-in figures of a GPU machine.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
-from study.devicecheck import checks, pinned_gpu_env, run_phase, verdict
+from study.devicecheck import (
+    MEMORY_MARGIN_MB,
+    TINY,
+    MemoryProbe,
+    checks,
+    overall_verdict,
+    pinned_gpu_env,
+    run_phase,
+    targets,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN = ("plotly", "matplotlib", "optuna_dashboard", "datasets", "kaleido")
@@ -94,6 +107,10 @@ def test_optimize_baseline_and_bench_run_without_them(
 def test_device_check_runs_its_tiny_version_on_a_cpu_and_prints_every_figure(
     gpu_like_env, banking77_dir: Path, minilm_dir: Path, tmp_path: Path
 ) -> None:
+    import optuna as installed_optuna
+    import peft
+    import transformers
+
     out_dir = tmp_path / "out"
     argv = ["-m", "study", "device-check", "--out", str(out_dir), "--data-dir", str(banking77_dir)]
     argv += ["--minilm", str(minilm_dir)]
@@ -102,76 +119,132 @@ def test_device_check_runs_its_tiny_version_on_a_cpu_and_prints_every_figure(
     lines = done.stdout.strip().splitlines()
     doc = json.loads(lines[-1])
     assert json.loads((out_dir / "device-check.json").read_text()) == doc
-    assert doc["device_check"] == "ok" and doc["version"] == 1
-    assert {"environment", "study", "bench", "workers", "targets", "checks", "phase_s"} <= set(doc)
+    assert doc["version"] == 1
+    assert doc["device_check"] == (
+        "ok: every phase ran; judged no_failed_trials, baseline_complete; "
+        "not judged on cpu: memory_flat, graphs_used, targets_met"
+    )
+    assert set(doc["phase_s"]) == {"environment", "study", "bench", "workers"}
+    assert all(s >= 0 for s in doc["phase_s"].values())
+    assert doc["wall_s"] >= sum(doc["phase_s"].values()) - 0.5
 
     env = doc["environment"]
     assert env["device"] == "cpu" and env["tiny"] is True and env["precision"] == "float32"
-    for key in ("hardware", "visible_gpus", "torch", "transformers", "peft", "optuna", "plan"):
-        assert key in env
+    assert env["plan"] == json.loads(json.dumps(asdict(TINY))) and env["visible_gpus"] == 0
+    assert (env["torch"], env["transformers"], env["peft"], env["optuna"]) == (
+        torch.__version__,
+        transformers.__version__,
+        peft.__version__,
+        installed_optuna.__version__,
+    )
+    assert env["cpus"] == os.cpu_count() and env["hardware"].endswith("logical CPUs")
 
     study = doc["study"]
-    assert sum(study["states"].values()) == study_trials(doc) and "FAIL" not in study["states"]
+    # the tiny plan: a stratified subsample of 4 training examples per intent
+    assert study["epochs"] == 2 and study["train_examples"] == 308
+    assert [t["number"] for t in study["trials"]] == list(range(TINY.study_trials))
+    assert study["states"] == {
+        state: sum(t["state"] == state for t in study["trials"])
+        for state in {t["state"] for t in study["trials"]}
+    }
+    assert "FAIL" not in study["states"]
     assert [t["state"] for t in study["baseline"]] == ["COMPLETE"]
+    assert set(study["baseline"][0]["params"]) == {
+        "learning_rate",
+        "lr_scheduler",
+        "batch_size",
+        "weight_decay",
+    }
     for t in study["trials"] + study["baseline"]:
-        for key in ("val_f1", "setup_time_s", "train_time_s", "peak_mem_mb", "device"):
-            assert t[key] is not None, (key, t)
-        assert t["cuda_graphs"] == "off: no CUDA graphs on cpu"
+        assert 0.0 <= t["val_f1"] <= 1.0 and 1 <= t["epochs_run"] <= 2, t
+        assert t["train_time_s"] > 0 and t["setup_time_s"] >= 0 and t["fail_reason"] is None, t
+        assert t["device"] == "cpu" and t["cuda_graphs"] == "off: no CUDA graphs on cpu"
+        if t["state"] == "COMPLETE":  # measured on the test split, at the end: COMPLETE only
+            assert 0.0 <= t["test_f1"] <= 1.0 and t["peak_mem_mb"] > 0, t
+        else:
+            assert t["state"] == "PRUNED" and t["test_f1"] is t["peak_mem_mb"] is None, t
+    for t in study["trials"]:
+        assert set(t["params"]) == {"lora_r", "learning_rate", "lr_scheduler"}
     memory = study["memory"]
-    assert len(memory["after_each_trial"]) == 1 + len(study["trials"])  # baseline + trials
-    assert {"start", "max_growth_mb", "margin_mb", "flat", "kind"} <= set(memory)
-    assert memory["flat"] is None  # a CPU's resident set is not judged
+    after = memory["after_each_trial"]
+    assert [a["trial"] for a in after] == ["baseline", *(str(t["number"]) for t in study["trials"])]
+    assert [a["state"] for a in after] == ["COMPLETE", *(t["state"] for t in study["trials"])]
+    growth = max(a["allocated_mb"] - memory["start"]["allocated_mb"] for a in after)
+    assert memory["max_growth_mb"] == pytest.approx(growth, abs=0.11)
+    assert memory["margin_mb"] == MEMORY_MARGIN_MB and memory["flat"] is None
+    assert memory["kind"].startswith("process resident set")  # a CPU's: not judged
     assert study["graphs"] == {
         "taken": False,
         "on": 0,
         "off": 1 + len(study["trials"]),
         "fallback_reasons": ["off: no CUDA graphs on cpu"],
     }
+
     report = study["report"]
     assert set(report["files"]) == {"summary.csv", "pareto_params.csv", "pareto_time.csv"}
     assert report["figures"].startswith("not drawn here")
-    assert "python -m study report" in report["figures"]
-    for name in report["files"]:
-        assert (out_dir / "report" / name).stat().st_size > 0
+    assert f"python -m study report --storage {study['storage']}" in report["figures"]
     assert (out_dir / "device-check.db").exists()
+    summary = read_rows(out_dir / "report" / "summary.csv")
+    assert len(summary) == 1 + len(study["trials"])
+    complete = [r for r in summary if r["state"] == "COMPLETE"]
+    best = max((r for r in complete if r["mode"] == "lora"), key=lambda r: float(r["val_f1"]))
+    [base] = [r for r in summary if r["mode"] == "full"]
+    assert report["best_lora_val_f1"] == round(float(best["val_f1"]), 4)
+    assert report["baseline_val_f1"] == round(float(base["val_f1"]), 4)
+    ratio = float(best["wait_time_s"]) / float(base["wait_time_s"])
+    assert report["time_ratio_setup_included"] == pytest.approx(round(ratio, 3), abs=1e-3)
+    front = read_rows(out_dir / "report" / "pareto_time.csv")
+    assert report["pareto_time"] == [f"{r['study']}#{r['trial']}" for r in front] != []
 
     for mode, batch in (("full", 32), ("lora", 64)):
         bench = doc["bench"][mode]
-        assert bench["mode"] == mode and bench["batch_size"] == batch
+        assert bench["mode"] == mode and bench["batch_size"] == batch and bench["device"] == "cpu"
+        assert bench["train_samples"] == study["train_examples"] and bench["repeats"] == 1
         for key in ("ours_s", "reference_s", "speedup", "speedup_epochs_only"):
             assert bench[key] > 0, key
+        assert bench["speedup"] == pytest.approx(bench["reference_s"] / bench["ours_s"], abs=0.01)
         assert bench["ours_setup_s"] >= 0  # a timing in milliseconds here: may round to 0
-        for key in ("ours_epoch_s", "reference_setup_s", "ours_peak_mem_mb", "ours_graphs"):
-            assert key in bench
+        assert bench["ours_graphs"] == "off: no CUDA graphs on cpu"
+        assert 0.0 <= bench["ours_val_f1"] <= 1.0 and 0.0 <= bench["reference_val_f1"] <= 1.0
 
     workers = doc["workers"]
     assert [r["workers"] for r in workers["runs"]] == [1, 2, 4]
+    assert workers["n_trials"] == TINY.workers_trials and workers["runs"][0]["vs_first"] == 1.0
     for r in workers["runs"]:
-        assert r["trials"] == workers["n_trials"]
-        for key in ("trials_per_hour", "steady_trials_per_hour"):
-            assert r[key] is not None and r[key] > 0, key
+        assert r["trials"] == workers["n_trials"] and r["devices"] == ["cpu"]
+        assert r["trials_per_hour"] == pytest.approx(r["trials"] * 3600 / r["wall_s"], rel=0.05)
+        assert r["steady_trials_per_hour"] is not None and r["steady_trials_per_hour"] > 0
         # a tiny model's setup on a CPU takes milliseconds: 0.0 at two decimals
         assert r["mean_setup_time_s"] is not None and r["mean_setup_time_s"] >= 0
-        assert r["devices"] == ["cpu"] and len(r["peak_mem_mb"]) == r["trials"]
+        assert len(r["peak_mem_mb"]) == r["trials"] and all(m > 0 for m in r["peak_mem_mb"])
 
-    targets = doc["targets"]
-    assert targets["judged"] is False
+    found = doc["targets"]
+    tph = {r["workers"]: r["trials_per_hour"] for r in workers["runs"]}
+    assert found["judged"] is False
+    assert found["bench_speedup_full"]["value"] == doc["bench"]["full"]["speedup"]
+    assert found["bench_speedup_lora"]["value"] == doc["bench"]["lora"]["speedup"]
+    assert found["workers_4_vs_1"]["value"] == round(tph[4] / tph[1], 2)
     for name in ("bench_speedup_full", "bench_speedup_lora", "workers_4_vs_1"):
-        assert targets[name]["value"] is not None and targets[name]["target"] > 0
-        assert targets[name]["met"] is None  # CPU figures are shown, not judged
-    assert {"memory_flat", "judged"} <= set(targets)
-    assert set(doc["phase_s"]) == {"environment", "study", "bench", "workers"}
+        assert found[name]["met"] is None  # CPU figures are shown, not judged
+    assert found["memory_flat"] == {
+        "value": memory["max_growth_mb"],
+        "target": "<= 16.0 MB",
+        "met": None,
+    }
     assert doc["checks"] == {
         "phase_errors": {},
         "memory_flat": None,
         "no_failed_trials": True,
         "baseline_complete": True,
-        "graphs_taken": False,
+        "graphs_used": None,
+        "targets_met": None,
     }
 
 
-def study_trials(doc: dict) -> int:
-    return doc["environment"]["plan"]["study_trials"]
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 
 
 def test_device_check_without_data_exits_2_with_one_line(gpu_like_env, tmp_path) -> None:
@@ -198,12 +271,10 @@ def test_a_failing_phase_is_recorded_and_the_check_goes_on() -> None:
     assert "Traceback" in lines[0]
     found = checks(doc)
     assert found["phase_errors"] == {"bench": "ZeroDivisionError: division by zero"}
-    assert verdict(found) == "problems: bench failed"
+    assert overall_verdict(found, "cpu") == "problems: bench failed"
 
 
 def test_targets_are_judged_on_cuda_only() -> None:
-    from study.devicecheck import targets
-
     doc = {
         "environment": {"device": "cuda:0"},
         "bench": {"full": {"speedup": 5.5}, "lora": {"speedup": 7.0}},
@@ -227,3 +298,93 @@ def test_targets_are_judged_on_cuda_only() -> None:
     assert found["memory_flat"]["met"] is True
     cpu = targets({**doc, "environment": {"device": "cpu"}})
     assert cpu["judged"] is False and cpu["bench_speedup_full"]["met"] is None
+
+
+# ----------------------------------------------------------------------------- the verdict
+
+
+def stand_in(device: str = "cuda:0", full=5.5, lora=8.5, per_hour=(100.0, 310.0), on=4) -> dict:
+    """The figures of a device-check run as a GPU machine would give them: bench speed-ups,
+    trials per hour with 1 and 4 workers, `on` of 4 trials replaying CUDA graphs."""
+    return {
+        "environment": {"device": device},
+        "study": {
+            "states": {"COMPLETE": 3},
+            "baseline": [{"state": "COMPLETE"}],
+            "memory": {"max_growth_mb": 0.5, "flat": None if device == "cpu" else True},
+            "graphs": {"on": on, "off": 4 - on},
+        },
+        "bench": {"full": {"speedup": full}, "lora": {"speedup": lora}},
+        "workers": {
+            "runs": [
+                {"workers": 1, "trials_per_hour": per_hour[0]},
+                {"workers": 4, "trials_per_hour": per_hour[1]},
+            ]
+        },
+    }
+
+
+def judge(doc: dict) -> tuple[dict, str]:
+    doc["targets"] = targets(doc)
+    found = checks(doc)
+    return found, overall_verdict(found, doc["environment"]["device"].split(":")[0])
+
+
+def test_on_cuda_the_verdict_fails_when_a_speed_target_is_missed() -> None:
+    found, verdict = judge(stand_in())
+    assert verdict == "ok" and found["targets_met"] is True and found["graphs_used"] is True
+    for change, name in (
+        ({"full": 4.99}, "bench_speedup_full"),
+        ({"lora": 7.9}, "bench_speedup_lora"),
+        ({"per_hour": (100.0, 290.0)}, "workers_4_vs_1"),
+    ):
+        doc = stand_in(**change)
+        found, verdict = judge(doc)
+        assert doc["targets"][name]["met"] is False, name
+        assert found["targets_met"] is False and verdict == "problems: targets_met", name
+    # a figure that is missing because its phase failed is no target met
+    doc = stand_in()
+    doc["bench"] = {"error": "RuntimeError: CUDA error"}
+    assert judge(doc)[1] == "problems: bench failed, targets_met"
+
+
+def test_on_cuda_the_verdict_fails_when_every_trial_ran_eagerly() -> None:
+    found, verdict = judge(stand_in(on=0))
+    assert found["graphs_used"] is False and verdict == "problems: graphs_used"
+    # some trials eager (full fine-tuning whose graphs did not fit, say): the rest replayed them
+    assert judge(stand_in(on=1))[1] == "ok"
+
+
+def test_off_cuda_ok_names_what_was_not_judged() -> None:
+    found, verdict = judge(stand_in("cpu", full=0.4, lora=0.3, per_hour=(100.0, 90.0), on=0))
+    assert (found["targets_met"], found["graphs_used"], found["memory_flat"]) == (None,) * 3
+    assert verdict == (
+        "ok: every phase ran; judged no_failed_trials, baseline_complete; "
+        "not judged on cpu: memory_flat, graphs_used, targets_met"
+    )
+    doc = stand_in("cpu")
+    doc["study"]["states"]["FAIL"] = 1
+    assert judge(doc)[1] == "problems: no_failed_trials"
+
+
+@pytest.mark.parametrize(
+    "growth, flat",
+    [(MEMORY_MARGIN_MB - 0.1, True), (MEMORY_MARGIN_MB, True), (MEMORY_MARGIN_MB + 0.1, False)],
+)
+def test_memory_is_flat_up_to_its_margin_and_not_beyond(growth: float, flat: bool) -> None:
+    readings = iter(
+        [
+            {"allocated_mb": 1000.0, "reserved_mb": 2000.0},  # before the first trial
+            {"allocated_mb": 1000.0 + growth / 2, "reserved_mb": 2000.0},
+            {"allocated_mb": 1000.0 + growth, "reserved_mb": 2048.0},
+        ]
+    )
+    # a device by name only: the stand-in reading is all the probe asks of it
+    probe = MemoryProbe(torch.device("cuda"), read=lambda device: next(readings))
+    probe.record("baseline", "COMPLETE")
+    probe.record("0", "COMPLETE")
+    summary = probe.summary()
+    assert summary["flat"] is flat and summary["max_growth_mb"] == round(growth, 1)
+    assert summary["max_reserved_growth_mb"] == 48.0
+    found, verdict = judge({**stand_in(), "study": {**stand_in()["study"], "memory": summary}})
+    assert found["memory_flat"] is flat and (verdict == "ok") is flat

@@ -1,4 +1,4 @@
-"""What the GPU and Apple paths need, shown on a CPU (issue 12): memory of finished trials,
+"""What the GPU and Apple paths need, shown on a CPU: memory of finished trials,
 setup time, the precision choice, graph memory and its fallbacks, peak memory, several GPUs.
 
 Nothing here needs an accelerator: the device's capabilities are arguments of pure functions,
@@ -28,7 +28,7 @@ from objectives.batching import full_batches
 from objectives.config import FULL_FT_DEFAULTS, LORA_DEFAULTS
 from objectives.device import (
     DeviceError,
-    PeakMemory,
+    StepPeakMemory,
     autocast_dtype,
     bf16_capable,
     device_bf16_supported,
@@ -225,20 +225,21 @@ def _frozen(number: int, train_s: float, setup_s: float | None, f1: float, mode:
 def test_reports_and_the_note_compare_the_time_a_user_waits(ctx) -> None:
     """A trial that trains fast after a long capture is not cheaper than one without capture."""
     from objectives.record import to_records
-    from reports.tables import compute_findings, pareto_front
-    from study.notes import comparison
+    from reports.comparison import compare, note_lines
+    from reports.tables import pareto_front
 
     fast_epochs = _frozen(0, train_s=10.0, setup_s=50.0, f1=0.80)  # waits 60 s
     plain = _frozen(1, train_s=30.0, setup_s=1.0, f1=0.80)  # waits 31 s
-    old = _frozen(2, train_s=40.0, setup_s=None, f1=0.81)  # before setup_time_s: 40 s
+    old = _frozen(2, train_s=40.0, setup_s=0.0, f1=0.81)  # no setup to speak of: 40 s
     records = to_records([fast_epochs, plain, old], "s")
     assert [r.wait_time_s for r in records] == [60.0, 31.0, 40.0]
     assert [r.train_time_s for r in records] == [10.0, 30.0, 40.0]  # the trials' own attribute
     assert [r.number for r in pareto_front(records, "wait_time_s")] == [1, 2]
     base = _frozen(3, train_s=100.0, setup_s=20.0, f1=0.7, mode="full")
-    findings = compute_findings([*records, *to_records([base], "b", baseline=True)], {})
+    base_records = to_records([base], "b", baseline=True)
+    findings = compare([*records, *base_records], {})
     assert findings.time_ratio == pytest.approx(40.0 / 120.0)
-    note = "\n".join(comparison(fast_epochs, base))
+    note = "\n".join(note_lines(compare([records[0], *base_records])))
     assert "training time (setup included) 60.0 s vs 120.0 s: 0.50x" in note
 
 
@@ -288,15 +289,13 @@ def test_precision_is_a_function_of_the_devices_capability(
 
 
 def test_emulated_bf16_does_not_count_on_pre_ampere_gpus(monkeypatch) -> None:
-    """torch.cuda.is_bf16_supported() says yes on a V100 (emulation); the choice must not."""
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(
-        torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=7, minor=0)
-    )
-    assert device_bf16_supported(torch.device("cuda:0")) is False
+    """torch.cuda.is_bf16_supported() says yes on a V100 (emulation); the choice reads the
+    compute capability instead, and only from 8.0 (Ampere) on is bf16 taken."""
+    for capability, expected in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(
+            torch.cuda, "get_device_capability", lambda device=None, c=capability: c
+        )
+        assert device_bf16_supported(torch.device("cuda:0")) is expected, capability
 
 
 def test_bf16_on_apple_gpus_needs_macos_14(monkeypatch) -> None:
@@ -417,12 +416,12 @@ def test_cpu_peak_on_a_mac_is_not_1024_times_too_large(monkeypatch) -> None:
 
     monkeypatch.setattr(sys, "platform", "darwin")
     monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=3 * 2**30))
-    assert PeakMemory(torch.device("cpu")).peak_mb() == 3072
+    assert StepPeakMemory(torch.device("cpu")).peak_mb() == 3072
 
 
 def test_mps_peak_is_the_highest_sample_not_the_memory_at_the_end() -> None:
     readings = iter([100, 700, 300, 200, 150])
-    memory = PeakMemory(torch.device("mps"), read_mps=lambda: next(readings) * 2**20)
+    memory = StepPeakMemory(torch.device("mps"), read_mps=lambda: next(readings) * 2**20)
     memory.sample()
     memory.sample()
     memory.sample()
@@ -430,7 +429,7 @@ def test_mps_peak_is_the_highest_sample_not_the_memory_at_the_end() -> None:
 
 
 def test_bench_samples_mps_memory_while_the_block_runs() -> None:
-    from study.bench.memory import PeakMemory as BenchPeak
+    from study.bench.memory import BlockPeakMemory as BenchPeak
 
     values = iter([10.0, 50.0, 90.0] + [20.0] * 10_000)
     with BenchPeak(torch.device("mps"), interval_s=0.001, read=lambda: next(values)) as mem:

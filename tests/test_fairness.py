@@ -20,8 +20,8 @@ from sklearn.metrics import f1_score
 from objectives.occupancy import Occupancy
 from objectives.predictions import decode_labels, encode_labels
 from objectives.record import TrialRecord
+from reports.comparison import compare, timing_notes
 from reports.sensitivity import FALLBACK_MARGIN, fairness, fairness_lines, seed_noise
-from reports.tables import compute_findings, timing_notes
 from reports.testnoise import (
     PairedTest,
     bootstrap_f1_difference,
@@ -175,7 +175,7 @@ def test_a_neighbour_beyond_the_noise_raises_the_warning_and_a_second_gap() -> N
     assert "minus the fixed run: validation +0.2500" in text
     assert "minus the best of the three (s-full-ft #2, lr x 3): validation +0.0200" in text
     # the yardstick of the findings, the fronts and the per-class comparison stays the fixed run
-    assert compute_findings(records, {}).baseline is records[2]
+    assert compare(records, {}).baseline is records[2]
 
 
 def test_a_neighbour_within_the_measured_noise_leaves_the_baseline_standing() -> None:
@@ -212,13 +212,13 @@ def test_timing_notes_flag_times_measured_under_different_load() -> None:
     lora = record(0, 0.8, wait_time_s=10.0, device="cpu", concurrent_trials=1, torch_threads=1)
     base = record(0, 0.6, factor=1.0, wait_time_s=30.0, device="cpu", concurrent_trials=0,
                   torch_threads=2)  # fmt: skip
-    notes = timing_notes([lora, base], compute_findings([lora, base], {}))
+    notes = timing_notes([lora, base], compare([lora, base], {}))
     assert len(notes) == 2
     assert "time front compares load" in notes[0] and "--workers 1" in notes[0]
     assert "beside 1 other trial(s), 1 torch thread(s)" in notes[1] and "alone" in notes[1]
     same = record(0, 0.6, factor=1.0, wait_time_s=30.0, device="cpu", concurrent_trials=1,
                   torch_threads=1)  # fmt: skip
-    assert timing_notes([lora, same], compute_findings([lora, same], {})) == []
+    assert timing_notes([lora, same], compare([lora, same], {})) == []
 
 
 # ---------------------------------------------------------------- end to end on the tiny model

@@ -132,12 +132,19 @@ def test_a_differing_flag_is_refused_and_a_missing_folder_named(
     assert db.read_bytes() == before
 
 
-def test_studies_made_before_recipes_fall_back_to_their_trials() -> None:
-    study = optuna.create_study(direction="maximize")
-    study.set_user_attr("model", "some/model")
+def test_a_study_made_by_an_older_version_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    url = f"sqlite:///{tmp_path}/old.db"
+    study = optuna.create_study(study_name="old", storage=url, direction="maximize")
+    study.set_user_attr("model", "some/model")  # what it recorded: no recipe, no version
     study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"max_epochs": 4, "seed": 3}))
-    made = recipe.read(study)
-    assert (made["model"], made["epochs"], made["seed"]) == ("some/model", 4, 3)
+    for command in (["optimize"], ["report"], ["evaluate", "--trial", "0"]):
+        assert main([*command, "--storage", url, "--study-name", "old"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: study 'old' was made by an older version"), err
+        assert len(err.splitlines()) == 1
+    made = {"model": "some/model", "epochs": 4, "seed": 3}
     assert recipe.merge({}, made, "old") == {"model": "some/model", "epochs": 4, "seed": 3}
     assert recipe.merge({"seed": 5}, made, "old")["seed"] == 5  # the search may change
     with pytest.raises(ConfigError, match="made with epochs 4"):

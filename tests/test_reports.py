@@ -27,6 +27,7 @@ from sklearn.metrics import f1_score
 
 from objectives.metrics import per_class_f1
 from objectives.record import TrialRecord, as_float, as_int, to_records
+from reports.comparison import compare
 from reports.figures import pareto_figure
 from reports.importance import FANOVA, MIN_TRIALS, PED_ANOVA, param_importances
 from reports.perclass import (
@@ -39,7 +40,6 @@ from reports.tables import (
     best_first,
     best_record,
     best_so_far,
-    compute_findings,
     dominates,
     pareto_front,
     pareto_rows,
@@ -98,6 +98,7 @@ def lora_trial(
         "total_params": TOTAL,
         "trainable_share_pct": 100 * trainable / TOTAL,
         "train_time_s": seconds if seconds is not None else 100.0 + 2 * r,
+        "setup_time_s": 0.0,
         "epochs_run": len(curve),
         "best_epoch": curve.index(best) + 1,
         "val_f1": best,
@@ -145,6 +146,7 @@ def baseline_trial(f1: float = BASELINE_F1, seconds: float = 600.0) -> FrozenTri
             "total_params": 109_500_000,
             "trainable_share_pct": 100.0,
             "train_time_s": seconds,
+            "setup_time_s": 0.0,
             "epochs_run": 4,
             "best_epoch": 4,
             "val_f1": f1,
@@ -335,23 +337,19 @@ def test_coercion_never_raises_on_odd_attributes() -> None:
         params={"lora_r": 8},
         distributions={"lora_r": SPACE["lora_r"]},
         intermediate_values={1: 0.4, 2: 0.6, 3: 0.55},
-        user_attrs={"trainable_params": "abc", "train_time_s": float("inf"), "total_params": None},
+        user_attrs={
+            "trainable_params": "abc",
+            "train_time_s": float("inf"),
+            "total_params": None,
+            "val_f1": 0.6,  # the best epoch so far, as the objective records it every epoch
+            "epochs_run": 3.0,  # a JSON storage may widen an int
+        },
     )
     record = TrialRecord.from_trial(trial, "s")
     assert record.val_f1 == 0.6  # best intermediate value of an unfinished trial
-    assert record.epochs_run == 3  # from the intermediate values when the attribute is missing
+    assert record.epochs_run == 3
     assert record.trainable_params is None and record.train_time_s is None
     assert record.mode is None and record.test_f1 is None and record.max_epochs is None
-
-
-def test_share_is_computed_when_missing() -> None:
-    trial = lora_trial(8, 1e-4, [0.5, 0.6])
-    attrs = {k: v for k, v in trial.user_attrs.items() if k != "trainable_share_pct"}
-    trial = create_trial(
-        value=0.6, params=trial.params, distributions=trial.distributions, user_attrs=attrs
-    )
-    record = TrialRecord.from_trial(trial, "s")
-    assert record.trainable_share_pct == pytest.approx(100 * (600_000 + 36_864 * 8) / TOTAL)
 
 
 def test_summary_has_one_row_per_trial_of_both_studies(studies) -> None:
@@ -452,7 +450,7 @@ def test_findings_hand_checked() -> None:
         trainable_params=100_000_000, train_time_s=600.0, wait_time_s=600.0,
     )  # fmt: skip
     tops = {FANOVA: ("learning_rate", 0.7), PED_ANOVA: ("lora_r", 0.5)}
-    findings = compute_findings([lora, worse, base], tops)
+    findings = compare([lora, worse, base], tops)
     assert findings.best_lora is lora  # by validation F1, though #5 has the better test F1
     assert findings.baseline is base
     assert findings.delta_val_f1 == pytest.approx(-0.02)
@@ -464,10 +462,10 @@ def test_findings_hand_checked() -> None:
 
 
 def test_findings_without_baseline_or_lora() -> None:
-    findings = compute_findings([rec(0, 0.5, 10)], {})
+    findings = compare([rec(0, 0.5, 10)], {})
     assert findings.baseline is None and findings.delta_val_f1 is None
     assert findings.time_ratio is None and findings.most_important is None
-    empty = compute_findings([], {})
+    empty = compare([], {})
     assert empty.best_lora is None and empty.savings is None
 
 

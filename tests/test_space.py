@@ -10,7 +10,7 @@ import pytest
 from objectives.space import DEFAULT_SPACE, EXTENDED_SPACE, SpaceError, load_space
 
 
-def test_default_space_is_the_issue_space() -> None:
+def test_default_space_is_rank_learning_rate_and_scheduler() -> None:
     specs = {p.name: p for p in DEFAULT_SPACE.params}
     assert set(specs) == {"lora_r", "learning_rate", "lr_scheduler"}
     assert (specs["lora_r"].low, specs["lora_r"].high, specs["lora_r"].log) == (4, 64, True)

@@ -123,7 +123,8 @@ def test_storage_proxy_refuses_what_it_cannot_serve(url: str, message: str, caps
 
 
 def test_storage_proxy_warns_off_loopback() -> None:
-    from study.proxy import exposure_warning
+    from study.dashboard import exposure_warning
+    from study.proxy import LACKS
 
-    assert exposure_warning("127.0.0.1") is None and exposure_warning("::1") is None
-    assert "no authentication or encryption" in exposure_warning("0.0.0.0")
+    assert exposure_warning("127.0.0.1", LACKS) is None and exposure_warning("::1", LACKS) is None
+    assert "no authentication or encryption" in exposure_warning("0.0.0.0", LACKS)

@@ -11,7 +11,7 @@ import sys
 from dataclasses import fields
 
 from objectives.config import DATA_DIR_ENV
-from study.bench.config import MODES, BenchConfig, validate
+from study.bench.config import MODES, BenchConfig, validate_bench
 from study.config import DEVICE_HELP, ConfigError, device_arg
 
 
@@ -79,7 +79,9 @@ def log(line: str) -> None:
 
 def bench_command(args: argparse.Namespace) -> int:
     # every BenchConfig field is a flag of the same name
-    cfg = validate(BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig)}))
+    cfg = validate_bench(
+        BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig)})
+    )
     if args.workers:
         if min(args.workers) < 1 or args.n_trials < 1:
             raise ConfigError("--workers and --n-trials must be at least 1")

@@ -1,4 +1,4 @@
-"""The settings of `python -m study bench` (`BenchConfig`) and their checks (`validate`).
+"""The settings of `python -m study bench` (`BenchConfig`) and their checks (`validate_bench`).
 
 Importable without torch: the command line builds its parser and refuses bad flags from here.
 The settings a bench shares with a study (model, data, budget, seed, device, token length) become
@@ -58,7 +58,7 @@ class BenchConfig:
         )
 
 
-def validate(cfg: BenchConfig) -> BenchConfig:
+def validate_bench(cfg: BenchConfig) -> BenchConfig:
     if cfg.mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}")
     if not is_device_name(cfg.device):

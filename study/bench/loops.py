@@ -15,19 +15,13 @@ from typing import Any
 import torch
 
 from objectives.config import TrainConfig
-from objectives.device import (
-    autocast_dtype,
-    cuda_device_count,
-    detect_device,
-    device_bf16_supported,
-    release_memory,
-)
+from objectives.device import compute_dtype, cuda_device_count, detect_device, release_memory
 from objectives.evaluation import evaluate
 from objectives.model import build_model
 from objectives.train import train
 from study.bench.config import BenchConfig
 from study.bench.hardware import hardware
-from study.bench.memory import PeakMemory
+from study.bench.memory import BlockPeakMemory
 from study.bench.reference import train_reference
 from study.config import ConfigError
 
@@ -110,7 +104,7 @@ def _run(w: Workload, loop: str, seed: int) -> Run:
     model = build_model(w.base_model, cfg)
     try:
         graphs = ""
-        with PeakMemory(w.device) as mem:
+        with BlockPeakMemory(w.device) as mem:
             if loop == "ours":
                 result = train(model, cfg, w.data)
                 setup, seconds = result.setup_time_s, result.train_time_s
@@ -119,9 +113,7 @@ def _run(w: Workload, loop: str, seed: int) -> Run:
                 ref = train_reference(model, cfg, w.encoded.train, w.tokenizer, w.device)
                 setup, seconds = ref.setup_time_s, ref.train_time_s
         if loop != "ours":
-            dtype = autocast_dtype(
-                w.device.type, w.cfg.mixed_precision, device_bf16_supported(w.device)
-            )
+            dtype = compute_dtype(w.device, w.cfg.mixed_precision)
             f1 = evaluate(model, w.data.val, w.data.num_labels, dtype).f1
         epochs = w.cfg.epochs
         return Run(

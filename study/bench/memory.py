@@ -1,7 +1,7 @@
-"""Peak memory over a block of code (`PeakMemory`), for the bench's runs, and the readings it
+"""Peak memory over a block of code (`BlockPeakMemory`), for the bench's runs, and the readings it
 samples: the process's resident set (`rss_mb`) and the allocated MPS memory (`mps_allocated_mb`).
 
-The training loop has its own probe (`objectives.device.PeakMemory`), and the two are kept apart
+The training loop has its own probe (`objectives.device.StepPeakMemory`), and the two are kept apart
 on purpose: that one is called by the loop at a step's high points and, on CPUs, reports the
 process's high-water mark since it started (`ru_maxrss`, which never comes down), the figure a
 trial records. The bench compares two loops run one after the other in one process, so it needs
@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 
-class PeakMemory:
+class BlockPeakMemory:
     """Peak memory while a block runs, in MiB.
 
     CUDA: allocated device memory, from the allocator's own peak counter. Elsewhere a thread
@@ -41,7 +41,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> BlockPeakMemory:
         if self.device.type == "cuda" and self._read is None:
             torch.cuda.reset_peak_memory_stats(self.device)
             return self

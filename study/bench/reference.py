@@ -25,7 +25,7 @@ from torch import nn
 
 from objectives.config import TrainConfig
 from objectives.data import Encoded
-from objectives.device import autocast_dtype, device_bf16_supported, sync_device
+from objectives.device import compute_dtype, sync_device
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def training_arguments(cfg: TrainConfig, device: torch.device, output_dir: str):
     """The reference runs' `TrainingArguments`, minus everything that is not training."""
     from transformers import TrainingArguments
 
-    dtype = autocast_dtype(device.type, cfg.mixed_precision, device_bf16_supported(device))
+    dtype = compute_dtype(device, cfg.mixed_precision)
     return TrainingArguments(
         output_dir=output_dir,
         num_train_epochs=cfg.epochs,
