@@ -206,3 +206,13 @@ def load_space(spec: str | Path | None) -> Space:
         return parse_space(doc)
     except SpaceError as e:
         raise SpaceError(f"{path}: {e}") from None
+
+
+def stored_space(definition: object) -> Space | None:
+    """The space a study stored as its `Space.definition()`, or None where there is none."""
+    if not isinstance(definition, str) or not definition.lstrip().startswith("{"):
+        return None
+    try:
+        return load_space(definition)
+    except SpaceError:
+        return None

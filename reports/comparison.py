@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from objectives.record import TrialRecord
+from objectives.space import Space
+from reports.edges import space_check_lines
 from reports.render import Check, fmt
 from reports.sensitivity import Fairness, factor_text, fairness, fairness_lines
 from reports.tables import (
@@ -80,10 +82,12 @@ def compare(
     study_name: str = "",
     seed_f1s: Sequence[float] = (),
     test_noise: bool = False,
+    space: Space | None = None,
 ) -> Comparison:
     """The best LoRA trial against the best fixed baseline run, with the checks: whether the
-    baseline is fair (`seed_f1s`: its validation F1 over `confirm`'s seeds) and, with
-    `test_noise` (seconds of bootstrap), whether the difference is real on this test set."""
+    baseline is fair (`seed_f1s`: its validation F1 over `confirm`'s seeds), with `test_noise`
+    (seconds of bootstrap) whether the difference is real on this test set, and with the
+    study's `space` whether the best trials press against a bound of it."""
     lora = best_record(records, baseline=False)
     base = best_record(records, baseline=True)
 
@@ -95,6 +99,9 @@ def compare(
     checks = [Check("Is the baseline fair?", "fairness", fairness_lines(check, study_name))]
     if test_noise:
         checks.append(_test_noise(lora, base, check, fronts or {}))
+    if space is not None:
+        lines = space_check_lines(records, space)
+        checks.append(Check("Is the search space big enough?", "space-edges", lines))
     return Comparison(
         best_lora=lora,
         baseline=base,

@@ -106,22 +106,23 @@ def _round(value: float) -> float | int:
     return float(f"{value:.3g}")
 
 
-def widened_space(space: Space, edges: Iterable[SpaceEdge]) -> str:
-    """The TOML `--space` file that moves every bound in `edges` outwards (empty if none can)."""
+def widened_space(space: Space, edges: Iterable[SpaceEdge]) -> list[str]:
+    """The lines of the TOML `--space` file that moves every bound in `edges` outwards, one
+    inline table per parameter (none where no bound can move)."""
     moved: dict[str, ParamSpec] = {}
     for edge in edges:
         spec = moved.get(edge.param) or next(p for p in space.params if p.name == edge.param)
         if (wider := _widened(spec, edge.side)) is not None:
             moved[edge.param] = wider
-    lines = []
-    for spec in moved.values():
-        lines += [f"[{spec.name}]", f"low = {spec.low!r}", f"high = {spec.high!r}"]
-        lines += ["log = true", ""] if spec.log else [""]
-    return "\n".join(lines)
+    log = ", log = true"
+    return [
+        f"{s.name} = {{ low = {s.low!r}, high = {s.high!r}{log if s.log else ''} }}"
+        for s in moved.values()
+    ]
 
 
 def edge_lines(edges: list[SpaceEdge]) -> list[str]:
-    """One sentence per edge, for the report, the dashboard note and the terminal."""
+    """One sentence per edge."""
     lines = []
     for e in edges:
         who = []
@@ -129,8 +130,33 @@ def edge_lines(edges: list[SpaceEdge]) -> list[str]:
             who.append(f"the best trial ({e.param} = {e.best_value:.3g})")
         if e.top_at_edge > e.top / 2:
             who.append(f"{e.top_at_edge} of the top {e.top}")
+        verb = "lie" if e.top_at_edge > e.top / 2 else "lies"
         lines.append(
-            f"{e.param}: {' and '.join(who)} lie in the outer tenth of its range, near its "
+            f"{e.param}: {' and '.join(who)} {verb} in the outer tenth of its range, near its "
             f"{e.side} bound {e.bound:.3g}; the optimum may lie beyond it."
         )
+    return lines
+
+
+def space_check_lines(records: Iterable[TrialRecord], space: Space) -> list[str]:
+    """The answer to "is the search space big enough?" for the report, the dashboard note and
+    the terminal: no LoRA trial yet, no edge, or each edge and the file that widens it."""
+    records = list(records)
+    if not ranked(r for r in records if not r.baseline):
+        return ["Not judged: no COMPLETE LoRA trial yet."]
+    edges = space_edges(records, space)
+    numeric = ", ".join(p.name for p in space.params if p.choices is None)
+    if not edges:
+        return [
+            f"Yes, as far as the trials show: neither the best trial nor most of the top "
+            f"{TOP_N} lie in the outer tenth of the range of {numeric}."
+        ]
+    lines = edge_lines(edges)
+    wider = widened_space(space, edges)
+    if wider:
+        lines.append(
+            "To look beyond it, start a new study (a study keeps its space) with "
+            "--space FILE.toml, the file holding:"
+        )
+        lines += [f"`{line}`" for line in wider]
     return lines

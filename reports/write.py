@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from objectives.record import TrialRecord, count_states, to_records
+from objectives.space import stored_space
 from reports.comparison import Comparison, compare, findings_lines, timing_notes
 from reports.confirm import (
     CONFIRM_COLUMNS,
@@ -341,6 +342,7 @@ def write_reports(
         study_name=study.study_name,
         seed_f1s=baseline_seed_f1s(confirm_trials),
         test_noise=True,
+        space=stored_space(study.user_attrs.get("space")),
     )
     notes = [*_study_notes(study, baseline, records), *importance.notes]
     written, pareto_tables = write_tables(out, records, fronts)

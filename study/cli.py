@@ -412,7 +412,10 @@ def _print_comparison(
     lora_records = to_records(lora, cfg.study_name)
     records = lora_records + to_records(baseline, cfg.baseline_name, baseline=True)
     confirm = _load_trials(cfg.storage, cfg.study_name + CONFIRM_SUFFIX)
-    comparison = compare(records, study_name=cfg.study_name, seed_f1s=baseline_seed_f1s(confirm))
+    space = load_space(cfg.space) if show_lora else None
+    comparison = compare(
+        records, study_name=cfg.study_name, seed_f1s=baseline_seed_f1s(confirm), space=space
+    )
     print(format_table(comparison, lora_records if show_lora else []))
     print(format_checks(comparison))
 

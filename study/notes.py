@@ -24,6 +24,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from objectives.record import TrialRecord, count_states, ranked, to_records
+from objectives.space import Space, stored_space
 from reports.comparison import compare, note_lines
 from reports.sensitivity import baseline_seed_f1s
 from reports.tables import CostKey
@@ -118,11 +119,13 @@ def study_note(
     baseline_name: str,
     top: int = 5,
     confirm: Sequence[FrozenTrial] = (),
+    space: Space | None = None,
 ) -> str:
     """The Markdown note of the LoRA study: best LoRA trial vs the baseline, the comparison's
-    checks (`confirm`'s trials give the baseline's seed noise), then the top trials."""
+    checks (`confirm`'s trials give the baseline's seed noise; the study's `space` whether the
+    best trials press against a bound), then the top trials."""
     records = to_records(lora, study_name) + to_records(baseline, baseline_name, baseline=True)
-    c = compare(records, study_name=study_name, seed_f1s=baseline_seed_f1s(confirm))
+    c = compare(records, study_name=study_name, seed_f1s=baseline_seed_f1s(confirm), space=space)
     best, base = c.best_lora, c.baseline
     lines = [
         f"## LoRA vs full fine-tuning: `{study_name}`",
@@ -230,7 +233,12 @@ def publish(
     base_trials = baseline.get_trials(deepcopy=False) if baseline is not None else []
     confirm_trials = confirm.get_trials(deepcopy=False) if confirm is not None else []
     note = study_note(
-        study.study_name, lora_trials, base_trials, baseline_name, confirm=confirm_trials
+        study.study_name,
+        lora_trials,
+        base_trials,
+        baseline_name,
+        confirm=confirm_trials,
+        space=stored_space(study.user_attrs.get("space")),
     )
     save_note(study, note)
     figures = dashboard_figures(lora_trials, base_trials, study.study_name, baseline_name)

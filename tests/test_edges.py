@@ -26,7 +26,7 @@ def test_best_trial_at_the_upper_learning_rate_bound_is_named_with_the_bound():
         ("learning_rate", "high", 5e-3, True)
     ]
     (line,) = edge_lines(edges)
-    assert line.startswith("learning_rate: the best trial (learning_rate = 0.0046)")
+    assert line.startswith("learning_rate: the best trial (learning_rate = 0.0046) lies in")
     assert "high bound 0.005" in line
 
 
@@ -87,8 +87,12 @@ def test_widened_space_moves_each_bound_that_was_hit_and_parses_as_a_space_file(
     records = [lora(0, 0.9, learning_rate=4.9e-3, lora_r=4)]
     edges = space_edges(records, DEFAULT_SPACE)
     assert {(e.param, e.side) for e in edges} == {("learning_rate", "high"), ("lora_r", "low")}
-    text = widened_space(DEFAULT_SPACE, edges)
-    doc = tomllib.loads(text)
+    lines = widened_space(DEFAULT_SPACE, edges)
+    assert lines == [
+        "lora_r = { low = 1, high = 64, log = true }",
+        "learning_rate = { low = 5e-05, high = 0.05, log = true }",
+    ]
+    doc = tomllib.loads("\n".join(lines))
     # half the log range further out: a decade for the learning rate, two octaves for the rank
     assert doc == {
         "learning_rate": {"low": 5e-5, "high": 0.05, "log": True},
@@ -111,7 +115,7 @@ def test_a_bound_the_parameter_cannot_pass_is_not_moved():
     assert {(e.param, e.side) for e in edges} == {
         ("lora_dropout", "low"), ("learning_rate", "high")
     }  # fmt: skip
-    doc = tomllib.loads(widened_space(space, edges))
+    doc = tomllib.loads("\n".join(widened_space(space, edges)))
     assert set(doc) == {"learning_rate"}
     assert 0.6 < doc["learning_rate"]["high"] < 1
 
@@ -119,5 +123,58 @@ def test_a_bound_the_parameter_cannot_pass_is_not_moved():
 @pytest.mark.parametrize("value", [4, 5])
 def test_integer_bounds_stay_integers(value):
     (edge,) = space_edges([lora(0, 0.9, lora_r=value)], DEFAULT_SPACE)
-    doc = tomllib.loads(widened_space(DEFAULT_SPACE, [edge]))
+    doc = tomllib.loads("\n".join(widened_space(DEFAULT_SPACE, [edge])))
     assert doc["lora_r"]["low"] == 1 and isinstance(doc["lora_r"]["low"], int)
+
+
+def test_report_note_and_terminal_say_when_the_best_trial_is_at_an_edge(tmp_path):
+    """The check reaches the three places a user reads: REPORT.md, the dashboard note and the
+    end-of-run table's checks; a study without a stored space gets no such section."""
+    from test_reports import SPACE, baseline_trial, lora_trial, new_study
+
+    from objectives.record import to_records
+    from reports.comparison import compare
+    from reports.write import write_reports
+    from study.notes import study_note
+    from study.terminal import format_checks
+
+    space = parse_space({"learning_rate": {"low": 1e-5, "high": 1e-3, "log": True}})
+    assert {p.name: (p.low, p.high) for p in space.params if p.choices is None} == {
+        name: (d.low, d.high) for name, d in SPACE.items() if hasattr(d, "low")
+    }  # the trials' own distributions
+    study, baseline = new_study("s"), new_study("s-full-ft")
+    study.add_trials([lora_trial(16, 9.6e-4, [0.5, 0.9]), lora_trial(8, 1e-4, [0.4, 0.6], seed=1)])
+    baseline.add_trial(baseline_trial())
+    expected = "learning_rate: the best trial (learning_rate = 0.00096) lies"
+    toml = "`learning_rate = { low = 1e-05, high = 0.01, log = true }`"
+
+    write_reports(study, baseline, tmp_path / "none")  # no stored space: not judged
+    assert "Is the search space big enough?" not in (tmp_path / "none" / "REPORT.md").read_text()
+
+    study.set_user_attr("space", space.definition())  # what `optimize` stores
+    write_reports(study, baseline, tmp_path / "report")
+    report = (tmp_path / "report" / "REPORT.md").read_text()
+    section = report.split("## Is the search space big enough?\n", 1)[1]
+    assert section.startswith(f"\n- {expected}")
+    assert f"- {toml}" in section
+
+    lora, base = study.get_trials(), baseline.get_trials()
+    note = study_note("s", lora, base, "s-full-ft", space=space)
+    assert f"### Is the search space big enough?\n\n- {expected}" in note and toml in note
+
+    records = to_records(lora, "s") + to_records(base, "s-full-ft", baseline=True)
+    terminal = format_checks(compare(records, study_name="s", space=space))
+    assert f"Is the search space big enough?\n- {expected}" in terminal and toml in terminal
+
+
+def test_a_space_without_edges_says_so_and_no_trial_says_not_judged():
+    records = [lora(0, 0.9, learning_rate=1e-3)]
+    from reports.edges import space_check_lines
+
+    assert space_check_lines(records, DEFAULT_SPACE) == [
+        "Yes, as far as the trials show: neither the best trial nor most of the top 5 lie in "
+        "the outer tenth of the range of lora_r, learning_rate."
+    ]
+    assert space_check_lines([lora(0, 0.9, state="PRUNED")], DEFAULT_SPACE) == [
+        "Not judged: no COMPLETE LoRA trial yet."
+    ]

@@ -269,6 +269,7 @@ def test_sensitivity_runs_join_the_baseline_study_as_neighbours(
     assert main(["optimize", *args, "--n-trials", "2"]) == 0
     out = capsys.readouterr().out
     assert "Is the baseline fair?" in out and "Not checked" in out
+    assert "\nIs the search space big enough?\n- " in out  # the study's space, judged at the end
 
     assert main(["baseline", *args, "--sensitivity"]) == 0
     out = capsys.readouterr().out
@@ -292,6 +293,7 @@ def test_sensitivity_runs_join_the_baseline_study_as_neighbours(
     assert "## Is the baseline fair?" in md and "lr x 3, banking77-full-ft #2" in md
     assert "## Is the difference real on this test set?" in md and "McNemar exact p" in md
     assert "baseline neighbour (lr x 3)" in md
+    assert "## Is the search space big enough?\n\n- " in md
     rows = (out_dir / "test_noise.csv").read_text().splitlines()
     assert rows[0].startswith("lora_trial,why,against") and len(rows) >= 2
     assert all(",banking77-full-ft #0," in row for row in rows[1:])  # against the fixed run
@@ -300,3 +302,4 @@ def test_sensitivity_runs_join_the_baseline_study_as_neighbours(
 
     note = get_note(optuna.load_study(study_name="banking77", storage=url))
     assert "### Is the baseline fair?" in note and "lr / 3" in note
+    assert "### Is the search space big enough?\n\n- " in note
