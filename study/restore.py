@@ -70,6 +70,13 @@ def fetch_weights(store_dir: Path, study_name: str, trial: FrozenTrial, folder: 
             f"{label} kept no weights (run with --keep none, or not in the --keep-top best when "
             "it ended)"
         )
+    if not store_dir.is_dir():
+        raise WinnersError(
+            f"the weights of {label} were kept in an artifact store that is not on this machine "
+            f"({store_dir} does not exist): a study copied without its weights (such as the "
+            "published studies under docs/results) can be reported on, not evaluated or "
+            "exported; pass --artifact-dir if you have the store elsewhere"
+        )
     try:
         reader = FileSystemArtifactStore(store_dir).open_reader(artifact_id)
     except ArtifactNotFound:

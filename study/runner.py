@@ -286,7 +286,8 @@ def share_cpu_threads(cfg: StudyConfig) -> None:
     over the cores N times over. GPUs are shared by the driver; nothing to do there.
     """
     if cfg.workers > 1 and detect_device(cfg.device).type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, (cores or 1) // cfg.workers))
 
 
 def _spawned_worker(cfg: StudyConfig, n_trials: int, worker: int, notes: bool = True) -> None:
