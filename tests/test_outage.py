@@ -29,7 +29,8 @@ from optuna.trial import TrialState
 from servers import Link, reachable_url, restart
 
 from storage import StorageUnavailable
-from storage.resilient import ResilientRDBStorage, classify
+from storage import resilient as resilient_module
+from storage.resilient import RECEIPTS, ResilientRDBStorage, classify
 from study.quota import optimize_quota
 
 # With pytest-xdist every test on the shared database servers runs in one worker, one at a
@@ -229,7 +230,28 @@ def test_no_traceback_for_a_connection_given_back_dead(names) -> None:
     assert not armed and records == []
 
 
-def test_a_lost_reply_creates_one_trial_and_ends_it_once(server, names) -> None:
+@pytest.fixture()
+def receipts(monkeypatch: pytest.MonkeyPatch):
+    """`rows(storage)`: the owners of the receipts still in the table, of those written since
+    the test began (the table on the shared server also holds other storages' receipts)."""
+    tokens: list[str] = []
+
+    class Recorded(resilient_module._Receipt):
+        def __init__(self) -> None:
+            super().__init__()
+            tokens.append(self.token)
+
+    monkeypatch.setattr(resilient_module, "_Receipt", Recorded)
+
+    def rows(storage: RDBStorage) -> list[int]:
+        query = sqlalchemy.select(RECEIPTS.c.owner_id).where(RECEIPTS.c.token.in_(tokens))
+        with storage.engine.connect() as con:
+            return [owner for (owner,) in con.execute(query)]
+
+    return rows
+
+
+def test_a_lost_reply_creates_one_trial_and_ends_it_once(server, names, receipts) -> None:
     kind, url = server
     storage = resilient(url, [])
     armed = lose_next_reply(storage)
@@ -248,7 +270,12 @@ def test_a_lost_reply_creates_one_trial_and_ends_it_once(server, names) -> None:
     trial = storage.get_trial(trial_id)
     assert (trial.state, trial.value) == (TrialState.COMPLETE, 0.5)
 
-    # What the tokens prevent: Optuna's own loop repeats the lost commit blindly (a ghost
+    # The receipts that told the attempts apart are nowhere Optuna or a user looks, and the
+    # spent ones are deleted: only the last call's receipt is left of this storage's.
+    assert trial.system_attrs == {} and storage.get_study_system_attrs(study_id) == {}
+    assert receipts(storage) == [trial_id]
+
+    # What the receipts prevent: Optuna's own loop repeats the lost commit blindly (a ghost
     # RUNNING trial nobody owns), and a blind repeat of the state change is refused.
     plain = RDBStorage(url)
     armed = lose_next_reply(plain)
