@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -453,23 +455,69 @@ def in_flight(url: str, name: str) -> list[tuple[int, int]]:
     return [(number, n) for number, state, n in rows if state == "RUNNING" and n]
 
 
-def freeze_mid_trial(url: str, name: str, proc: subprocess.Popen) -> tuple[int, int]:
-    """Stop `proc` (SIGSTOP) while it trains a trial: one trial has finished and another has
-    reported an epoch. Returns that trial's (number, epochs reported). Stopped, the process can
-    neither finish the trial nor write anything before it is continued."""
+def freeze_mid_trial(
+    url: str,
+    name: str,
+    proc: subprocess.Popen,
+    signal_all: Callable[[int], None],
+    trials: int = 1,
+) -> list[tuple[int, int]]:
+    """Stop `proc` and its worker processes (`signal_all(SIGSTOP)`) while they train: one trial
+    has finished and `trials` others have reported an epoch. Returns (number, epochs reported)
+    of each trial in flight. Stopped, the processes can neither finish a trial nor write
+    anything before they are continued."""
     end = time.monotonic() + 300
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise AssertionError(f"optimize ended early: {proc.communicate()}")
-        if in_flight(url, name):
-            proc.send_signal(signal.SIGSTOP)
+        if len(in_flight(url, name)) >= trials:
+            signal_all(signal.SIGSTOP)
             time.sleep(0.2)  # a commit already sent lands before the state is read
             running = in_flight(url, name)
-            if running:
-                return running[0]
-            proc.send_signal(signal.SIGCONT)  # the trial had just finished: the next one
+            if len(running) >= trials:
+                return running
+            signal_all(signal.SIGCONT)  # the trial had just finished: the next one
         time.sleep(0.05)
     raise AssertionError("no trial in flight")
+
+
+def restart_mid_trial(
+    kind: str, url: str, name: str, cmd: list[str], trials: int = 1
+) -> tuple[subprocess.Popen, str, list[tuple[int, int]], datetime]:
+    """Run `cmd` (an `optimize` of study `name`) and restart the server while it trains
+    `trials` trials at once. Its processes are held still from before the server stops until
+    it is down, so the restart provably hits the trials in flight (a tiny model's trial lasts
+    less than a second and would otherwise often fall between two). Returns the process, its
+    stderr, the trials in flight (number, epochs reported) and when the server was stopped."""
+    # a session of its own: the signals reach the worker processes it starts, and only those
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        running = freeze_mid_trial(url, name, proc, lambda sig: os.killpg(proc.pid, sig), trials)
+        stopped_at = datetime.now()
+        restart(kind, while_down=lambda: os.killpg(proc.pid, signal.SIGCONT))
+        _, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    return proc, err, running, stopped_at
+
+
+def check_carried_on(
+    url: str, name: str, running: list[tuple[int, int]], stopped_at: datetime
+) -> None:
+    """No trial FAILed, and each trial in flight at the restart began before the server went
+    down and finished after (MariaDB keeps whole seconds; the restart takes longer than one)."""
+    trials = optuna.load_study(study_name=name, storage=url).trials
+    # the README: the trial in flight goes on; none fails (not even one retried by a copy)
+    assert [t.number for t in trials if t.state == TrialState.FAIL] == []
+    by_number = {t.number: t for t in trials}
+    for number, epochs in running:
+        carried = by_number[number]
+        assert carried.state in (TrialState.COMPLETE, TrialState.PRUNED), carried.state
+        assert carried.datetime_start < stopped_at < carried.datetime_complete
+        assert len(carried.intermediate_values) >= epochs >= 1
 
 
 @pytest.mark.parametrize("kind", sorted(PORTS))
@@ -477,37 +525,43 @@ def test_a_database_restart_during_a_study(
     kind: str, tiny_model_dir: Path, tiny_data_dir: Path, names
 ) -> None:
     """The server restarts while a trial trains: the worker waits, the trial carries on and
-    finishes, nothing fails. The worker is held still from before the server stops until it is
-    down, so the restart provably hits the trial in flight (a tiny model's trial lasts less
-    than a second and would otherwise often fall between two trials)."""
+    finishes, nothing fails."""
     url = reachable_url(kind)
     name = names(url, "restart")
     cmd = optimize_cmd(tiny_model_dir, tiny_data_dir, url, name, "--epochs", "3", "--n-trials", "6")
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        number, epochs = freeze_mid_trial(url, name, proc)
-        stopped_at = datetime.now()
-        restart(kind, while_down=lambda: proc.send_signal(signal.SIGCONT))
-        out, err = proc.communicate(timeout=600)
-    finally:
-        proc.kill()
+    proc, err, running, stopped_at = restart_mid_trial(kind, url, name, cmd)
     assert proc.returncode == 0, err
     lines = operator_lines(err)
     print(f"{kind} restart; the worker printed:", *lines, sep="\n  ")
-    trials = optuna.load_study(study_name=name, storage=url).trials
-    # the README: the trial in flight goes on; none fails (not even one retried by a copy)
-    assert [t.number for t in trials if t.state == TrialState.FAIL] == []
+    check_carried_on(url, name, running, stopped_at)
     check_accounted(url, name, 6)
-    [carried] = [t for t in trials if t.number == number]
-    assert carried.state in (TrialState.COMPLETE, TrialState.PRUNED), carried.state
-    # it began before the server went down and finished after (MariaDB keeps whole seconds;
-    # the restart takes longer than one)
-    assert carried.datetime_start < stopped_at < carried.datetime_complete
-    assert len(carried.intermediate_values) >= epochs >= 1
     assert any("unreachable (" in line for line in lines), err
     assert any("reachable again after" in line for line in lines), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", sorted(PORTS))
+def test_a_database_restart_under_several_workers(
+    kind: str, tiny_model_dir: Path, tiny_data_dir: Path, names
+) -> None:
+    """`--workers 2`: the server restarts while both worker processes train; every worker waits
+    it out and carries on, the call finishes exactly its trials and nothing fails."""
+    url = reachable_url(kind)
+    name = names(url, "workers-restart")
+    # enough trials that the second worker, started after the baseline, meets the first
+    flags = ("--epochs", "3", "--n-trials", "16", "--workers", "2")
+    proc, err, running, stopped_at = restart_mid_trial(
+        kind, url, name, optimize_cmd(tiny_model_dir, tiny_data_dir, url, name, *flags), trials=2
+    )
+    assert proc.returncode == 0, err
+    lines = operator_lines(err)
+    print(f"{kind} restart under 2 workers; they printed:", *lines, sep="\n  ")
+    assert len(running) == 2  # a trial of each worker was in flight
+    check_carried_on(url, name, running, stopped_at)
+    check_accounted(url, name, 16)
+    # each worker met the outage, said so, and said when it ended
+    assert sum("unreachable (" in line for line in lines) >= 2, err
+    assert sum("reachable again after" in line for line in lines) >= 2, err
     assert "Traceback" not in err
 
 
