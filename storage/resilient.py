@@ -220,6 +220,7 @@ class _Receipt:
 
     def __init__(self) -> None:
         self.token = uuid.uuid4().hex
+        self.written = False  # an attempt wrote it (a trial taken by another worker: none did)
         self.dropped: frozenset[str] = frozenset()
 
 
@@ -550,12 +551,14 @@ class ResilientRDBStorage(RDBStorage):
             value = self._call(attempt, recover)
         except BaseException:
             # an attempt may have committed all the same: its receipt goes with the next one
-            with self._spent.lock:
-                self._spent.tokens.add(receipt.token)
+            if receipt.written:
+                with self._spent.lock:
+                    self._spent.tokens.add(receipt.token)
             raise
         with self._spent.lock:
             self._spent.tokens -= receipt.dropped
-            self._spent.tokens.add(receipt.token)
+            if receipt.written:
+                self._spent.tokens.add(receipt.token)
         return value
 
     def _write_receipt(self, session: Any, receipt: _Receipt, owner_id: int) -> None:
@@ -566,6 +569,7 @@ class ResilientRDBStorage(RDBStorage):
         if receipt.dropped:
             session.execute(RECEIPTS.delete().where(RECEIPTS.c.token.in_(sorted(receipt.dropped))))
         session.execute(RECEIPTS.insert().values(token=receipt.token, owner_id=owner_id))
+        receipt.written = True
 
     def _owner(self, receipt: _Receipt) -> int | None:
         """The study or trial of `receipt`, if an earlier attempt committed it (after a failed
