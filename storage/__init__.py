@@ -20,10 +20,13 @@ MySQL option file named by ``?read_default_file=~/.my.cnf`` for PyMySQL.
 
 from __future__ import annotations
 
+import errno
+import os
 import sqlite3
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 
@@ -67,6 +70,8 @@ SQLITE_TIMEOUT_S = 60  # wait this long for another worker's write lock instead 
 SCHEMA_RACE_RETRIES = 5
 PG_CONNECT_TIMEOUT_S = 10  # libpq waits forever for an unreachable host; PyMySQL has 10 s
 GRPC_CONNECT_TIMEOUT_S = 10.0
+# Below this much free space SQLite cannot count on writing its WAL and shared-memory files
+MIN_FREE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -163,11 +168,28 @@ def get_storage(
         return _rdb(url, heartbeat, engine_kwargs, outage_grace_s, wait)
     except (StorageError, StorageUnavailable):
         raise
-    except (OSError, sqlite3.Error) as e:
-        raise StorageError(f"cannot open storage {redact(url)}: {e}") from None
     except Exception as e:  # noqa: BLE001 - SQLAlchemy/driver errors carry the reason in the text
-        reason = first_line(e)
-        raise StorageError(f"cannot open storage {redact(url)}: {scrub(reason, url)}") from None
+        reason = scrub(first_line(e), url)
+        if parsed.kind == "sqlite":
+            # SQLite says only "unable to open database file" or "disk I/O error"
+            refusal = file_system_refusal(parsed.path.parent)
+            reason = f"{reason}: {refusal}" if refusal else reason
+        raise StorageError(f"cannot open storage {redact(url)}: {reason}") from None
+
+
+def file_system_refusal(folder: Path) -> str | None:
+    """The operating system's reason files in `folder` cannot be written, where its file system
+    tells: read-only, or no space left. None where it tells neither."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # no such folder; no statvfs on this system
+        return None
+    if st.f_flag & getattr(os, "ST_RDONLY", 1):
+        return f"{os.strerror(errno.EROFS)} ({folder})"
+    free = st.f_bavail * st.f_frsize
+    if free < MIN_FREE_BYTES:
+        return f"{os.strerror(errno.ENOSPC)} ({folder}: {free} bytes free)"
+    return None
 
 
 def _locked_transactions(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStorage:
@@ -211,8 +233,6 @@ def _grpc(url: str) -> optuna.storages.BaseStorage:
 def describe_failure(exc: BaseException, url: str) -> str | None:
     """A one-line message when `exc` is the storage refusing to work (disk full, read-only,
     unreachable); None for anything else, which is then a bug and keeps its traceback."""
-    import errno
-
     from sqlalchemy.exc import OperationalError
 
     grpc = sys.modules.get("grpc")  # loaded only where a grpc:// storage was opened
@@ -227,4 +247,7 @@ def describe_failure(exc: BaseException, url: str) -> str | None:
         reason = exc.strerror or str(exc)
     else:
         return None
-    return f"storage {redact(url)} failed: {scrub(reason, url)} (disk full or read-only?)"
+    path = parse_url(url).path if url.startswith("sqlite:") else None  # checked when opened
+    refusal = file_system_refusal(path.parent) if path is not None else None
+    hint = f": {refusal}" if refusal else " (disk full or read-only?)"
+    return f"storage {redact(url)} failed: {scrub(reason, url)}{hint}"

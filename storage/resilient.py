@@ -19,13 +19,19 @@ Why the retry lives here, below Optuna's `_CachedStorage` and above SQLAlchemy:
   - creating a trial and changing a trial's state are not: a commit can succeed on the server
     and its reply be lost with the connection, and a blind repeat would then add a second
     trial (a RUNNING ghost without heartbeat that nothing ever fails) or fail a finished one.
-    Each attempt therefore writes a random token (a trial system attribute) in the same
-    transaction, and after a failure the token is looked up first: found, the earlier attempt
-    committed and its result is returned; absent, nothing was written and the attempt is
-    repeated. Optuna's own repeat loop in `_create_new_trial` (for deadlocks) repeats commits
-    blindly, so that method is rewritten here without it.
-    Creating a study carries a token (a study system attribute) the same way, so a lost reply
-    neither creates a second unnamed study nor reports a study it created as someone else's.
+    Each attempt therefore writes a receipt (a random token and the id of the trial it made or
+    changed) in the same transaction, and after a failure the receipt is looked up first:
+    found, the earlier attempt committed and its result is returned; absent, nothing was written
+    and the attempt is repeated. Optuna's own repeat loop in `_create_new_trial` (for deadlocks)
+    repeats commits blindly, so that method is rewritten here without it.
+    Creating a study writes a receipt the same way, so a lost reply neither creates a second
+    unnamed study nor reports a study it created as someone else's.
+  - the receipts live in a table of their own, `commit_receipts`, not in Optuna's system
+    attributes: Optuna, optuna-dashboard, copies of a study and every tool that reads the
+    storage see exactly what Optuna's own RDBStorage would have written (Optuna's conformance
+    suite checks that system attributes hold only what was set). A receipt is needed only until
+    its call returns; each receipt-writing transaction deletes this storage's earlier ones, so
+    the table holds about one row per storage object, not one per trial.
   - deleting a study: a repeat that finds the study gone counts as done.
 - Deadlocks and lock timeouts are not outages: they are repeated a few times at once, quietly,
   as Optuna does for new trials.
@@ -44,7 +50,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
 import random
 import sys
@@ -70,8 +75,15 @@ from storage.urls import redact, scrub
 FIRST_PAUSE_S = 0.5  # then doubling up to MAX_PAUSE_S: a 3 s restart costs about 4 s
 MAX_PAUSE_S = 5.0  # the longest a worker lags behind a database that is back
 CONTENTION_RETRIES = 5  # deadlocks and lock timeouts, as Optuna's `_create_new_trial`
-CREATE_TOKEN = "storage:create_token"  # study/trial system attribute: which attempt made it
-STATE_TOKEN = "storage:state_token"  # trial system attribute: which attempt set its state
+
+# Which attempt of a call committed: a table of the outage machinery's own, beside Optuna's
+# (whose schema and migrations it leaves alone), created with them if absent.
+RECEIPTS = sqlalchemy.Table(
+    "commit_receipts",
+    sqlalchemy.MetaData(),
+    sqlalchemy.Column("token", sqlalchemy.String(32), primary_key=True),
+    sqlalchemy.Column("owner_id", sqlalchemy.Integer, nullable=False),  # the study's or trial's
+)
 
 # SQLSTATE classes and MySQL error numbers of a transaction that lost a race, not a connection
 _PG_CONTENTION = ("40001", "40P01", "55P03")  # serialization failure, deadlock, lock not available
@@ -195,6 +207,23 @@ class _Outage:
         self.reason = ""
 
 
+class _Spent:
+    """Tokens of this storage's calls that have returned: their receipts can go."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tokens: set[str] = set()
+
+
+class _Receipt:
+    """One exactly-once call's token, and the earlier receipts its last attempt deleted."""
+
+    def __init__(self) -> None:
+        self.token = uuid.uuid4().hex
+        self.written = False  # an attempt wrote it (a trial taken by another worker: none did)
+        self.dropped: frozenset[str] = frozenset()
+
+
 class ResilientRDBStorage(RDBStorage):
     """An `RDBStorage` whose calls wait out a lost database connection (see the module doc).
 
@@ -213,16 +242,20 @@ class ResilientRDBStorage(RDBStorage):
         self.outage_grace_s = outage_grace_s
         self.notify = notify
         self._outage = _Outage()
+        self._spent = _Spent()
         super().__init__(url, engine_kwargs, **kwargs)
+        RECEIPTS.metadata.create_all(self.engine)  # beside Optuna's tables, made the same way
         _quiet_reset(self.engine)
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
-        del state["_outage"]  # a lock does not pickle; a copy starts without an outage
+        # locks do not pickle; a copy starts without an outage and with no receipts to delete
+        del state["_outage"], state["_spent"]
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         state["_outage"] = _Outage()
+        state["_spent"] = _Spent()
         super().__setstate__(state)
         _quiet_reset(self.engine)
 
@@ -374,17 +407,20 @@ class ResilientRDBStorage(RDBStorage):
     def create_new_study(
         self, directions: Sequence[StudyDirection], study_name: str | None = None
     ) -> int:
-        name = study_name or DEFAULT_STUDY_NAME_PREFIX + str(uuid.uuid4())
-        token = uuid.uuid4().hex
+        # Optuna names only a study created without a name; "" is a name like any other
+        name = DEFAULT_STUDY_NAME_PREFIX + str(uuid.uuid4()) if study_name is None else study_name
+        receipt = _Receipt()
 
         def recover() -> tuple[bool, int | None]:
-            study_id = self._find_token(models.StudySystemAttributeModel, token)
+            study_id = self._owner(receipt)
             return study_id is not None, study_id
 
-        return self._call(lambda: self._insert_study(directions, name, token), recover)
+        return self._once(receipt, lambda: self._insert_study(directions, name, receipt), recover)
 
-    def _insert_study(self, directions: Sequence[StudyDirection], name: str, token: str) -> int:
-        """Optuna's `create_new_study` transaction, plus the token."""
+    def _insert_study(
+        self, directions: Sequence[StudyDirection], name: str, receipt: _Receipt
+    ) -> int:
+        """Optuna's `create_new_study` transaction, plus the receipt."""
         try:
             with _create_scoped_session(self.scoped_session) as session:
                 study = models.StudyModel(
@@ -397,11 +433,7 @@ class ResilientRDBStorage(RDBStorage):
                 session.add(study)
                 session.flush()  # the name's uniqueness is checked here, and the id assigned
                 study_id = study.study_id
-                session.add(
-                    models.StudySystemAttributeModel(
-                        study_id=study_id, key=CREATE_TOKEN, value_json=json.dumps(token)
-                    )
-                )
+                self._write_receipt(session, receipt, study_id)
         except sqlalchemy.exc.IntegrityError:
             raise optuna.exceptions.DuplicatedStudyError(
                 f"Another study with name '{name}' already exists."
@@ -424,52 +456,77 @@ class ResilientRDBStorage(RDBStorage):
     def _create_new_trial(
         self, study_id: int, template_trial: FrozenTrial | None = None
     ) -> FrozenTrial:
-        token = uuid.uuid4().hex
-        template = _template(template_trial, token)
+        receipt = _Receipt()
 
         def recover() -> tuple[bool, FrozenTrial | None]:
-            trial_id = self._find_token(models.TrialSystemAttributeModel, token)
+            trial_id = self._owner(receipt)
             if trial_id is None:
                 return False, None
             return True, RDBStorage.get_trial(self, trial_id)
 
-        return self._call(lambda: self._insert_trial(study_id, template), recover)
+        return self._once(
+            receipt, lambda: self._insert_trial(study_id, template_trial, receipt), recover
+        )
 
-    def _insert_trial(self, study_id: int, template: FrozenTrial) -> FrozenTrial:
-        """Optuna's `_create_new_trial` transaction, without its blind repeat loop."""
+    def _insert_trial(
+        self, study_id: int, template: FrozenTrial | None, receipt: _Receipt
+    ) -> FrozenTrial:
+        """Optuna's `_create_new_trial` transaction, without its blind repeat loop, plus the
+        receipt."""
         with _create_scoped_session(self.scoped_session) as session:
             # the study row lock serialises trial numbers between workers, as in Optuna
             models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
             trial = self._get_prepared_new_trial(study_id, template, session)
-            frozen = copy.deepcopy(template)
-            frozen.number = trial.number
-            frozen.datetime_start = trial.datetime_start
-            frozen._trial_id = trial.trial_id
+            self._write_receipt(session, receipt, trial.trial_id)
+            if template is not None:
+                frozen = copy.deepcopy(template)
+                frozen.number = trial.number
+                frozen.datetime_start = trial.datetime_start
+                frozen._trial_id = trial.trial_id
+            else:
+                frozen = FrozenTrial(
+                    number=trial.number,
+                    state=trial.state,
+                    value=None,
+                    values=None,
+                    datetime_start=trial.datetime_start,
+                    datetime_complete=None,
+                    params={},
+                    distributions={},
+                    user_attrs={},
+                    system_attrs={},
+                    intermediate_values={},
+                    trial_id=trial.trial_id,
+                )
         return frozen
 
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
-        token = uuid.uuid4().hex
+        receipt = _Receipt()
 
         def recover() -> tuple[bool, bool]:
-            return self._trial_token(trial_id, STATE_TOKEN) == token, True
+            return self._owner(receipt) == trial_id, True
 
-        return self._call(lambda: self._set_state(trial_id, state, values, token), recover)
+        return self._once(
+            receipt, lambda: self._set_state(trial_id, state, values, receipt), recover
+        )
 
     def _set_state(
-        self, trial_id: int, state: TrialState, values: Sequence[float] | None, token: str
+        self,
+        trial_id: int,
+        state: TrialState,
+        values: Sequence[float] | None,
+        receipt: _Receipt,
     ) -> bool:
-        """Optuna's `set_trial_state_values` transaction, plus the token."""
+        """Optuna's `set_trial_state_values` transaction, plus the receipt."""
         try:
             with _create_scoped_session(self.scoped_session) as session:
                 trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
                 self.check_trial_is_updatable(trial_id, trial.state)
                 if state == TrialState.RUNNING and trial.state != TrialState.WAITING:
                     return False  # another worker took this queued trial
-                self._set_trial_attr_without_commit(
-                    session, models.TrialSystemAttributeModel, trial_id, STATE_TOKEN, token
-                )
+                self._write_receipt(session, receipt, trial_id)
                 for objective, value in enumerate(values or ()):
                     self._set_trial_value_without_commit(session, trial, objective, value)
                 trial.state = state
@@ -481,30 +538,48 @@ class ResilientRDBStorage(RDBStorage):
             return False
         return True
 
-    def _find_token(
-        self,
-        model: type[models.StudySystemAttributeModel | models.TrialSystemAttributeModel],
-        token: str,
-    ) -> int | None:
-        """The study or trial whose creation token is `token`, if the creation committed."""
-        owner = model.study_id if model is models.StudySystemAttributeModel else model.trial_id
-        with _create_scoped_session(self.scoped_session) as session:
-            row = (
-                session.query(owner)
-                .filter(model.key == CREATE_TOKEN, model.value_json == json.dumps(token))
-                .one_or_none()
-            )
-        return None if row is None else row[0]
+    # ------------------------------------------------------------------ receipts
 
-    def _trial_token(self, trial_id: int, key: str) -> str | None:
-        model = models.TrialSystemAttributeModel
+    def _once(
+        self,
+        receipt: _Receipt,
+        attempt: Callable[[], T],
+        recover: Callable[[], tuple[bool, T]],
+    ) -> T:
+        """`_call` for a transaction that writes `receipt`; afterwards the receipt is spent."""
+        try:
+            value = self._call(attempt, recover)
+        except BaseException:
+            # an attempt may have committed all the same: its receipt goes with the next one
+            if receipt.written:
+                with self._spent.lock:
+                    self._spent.tokens.add(receipt.token)
+            raise
+        with self._spent.lock:
+            self._spent.tokens -= receipt.dropped
+            if receipt.written:
+                self._spent.tokens.add(receipt.token)
+        return value
+
+    def _write_receipt(self, session: Any, receipt: _Receipt, owner_id: int) -> None:
+        """In the attempt's transaction: its receipt, and the deletion of the receipts of this
+        storage's calls that have returned (nothing will look them up again)."""
+        with self._spent.lock:
+            receipt.dropped = frozenset(self._spent.tokens)
+        if receipt.dropped:
+            session.execute(RECEIPTS.delete().where(RECEIPTS.c.token.in_(sorted(receipt.dropped))))
+        session.execute(RECEIPTS.insert().values(token=receipt.token, owner_id=owner_id))
+        receipt.written = True
+
+    def _owner(self, receipt: _Receipt) -> int | None:
+        """The study or trial of `receipt`, if an earlier attempt committed it (after a failed
+        attempt); that attempt's deletions are unknown, so they are repeated with the next."""
+        receipt.dropped = frozenset()
         with _create_scoped_session(self.scoped_session) as session:
-            row = (
-                session.query(model.value_json)
-                .filter(model.trial_id == trial_id, model.key == key)
-                .one_or_none()
-            )
-        return None if row is None else json.loads(row[0])
+            row = session.execute(
+                sqlalchemy.select(RECEIPTS.c.owner_id).where(RECEIPTS.c.token == receipt.token)
+            ).one_or_none()
+        return None if row is None else row[0]
 
 
 def open_waiting(
@@ -545,25 +620,3 @@ def open_waiting(
                 " continuing"
             )
         return storage
-
-
-def _template(template: FrozenTrial | None, token: str) -> FrozenTrial:
-    """The trial to insert: a copy of `template` (or a fresh RUNNING trial, as Optuna makes
-    without one) carrying `token`."""
-    if template is None:
-        template = FrozenTrial(
-            number=-1,
-            state=TrialState.RUNNING,
-            value=None,
-            datetime_start=datetime.now(),
-            datetime_complete=None,
-            params={},
-            distributions={},
-            user_attrs={},
-            system_attrs={},
-            intermediate_values={},
-            trial_id=-1,
-        )
-    tagged = copy.deepcopy(template)
-    tagged.system_attrs = {**tagged.system_attrs, CREATE_TOKEN: token}
-    return tagged

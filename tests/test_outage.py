@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -29,7 +33,8 @@ from optuna.trial import TrialState
 from servers import Link, reachable_url, restart
 
 from storage import StorageUnavailable
-from storage.resilient import ResilientRDBStorage, classify
+from storage import resilient as resilient_module
+from storage.resilient import RECEIPTS, ResilientRDBStorage, classify
 from study.quota import optimize_quota
 
 # With pytest-xdist every test on the shared database servers runs in one worker, one at a
@@ -229,7 +234,28 @@ def test_no_traceback_for_a_connection_given_back_dead(names) -> None:
     assert not armed and records == []
 
 
-def test_a_lost_reply_creates_one_trial_and_ends_it_once(server, names) -> None:
+@pytest.fixture()
+def receipts(monkeypatch: pytest.MonkeyPatch):
+    """`rows(storage)`: the owners of the receipts still in the table, of those written since
+    the test began (the table on the shared server also holds other storages' receipts)."""
+    tokens: list[str] = []
+
+    class Recorded(resilient_module._Receipt):
+        def __init__(self) -> None:
+            super().__init__()
+            tokens.append(self.token)
+
+    monkeypatch.setattr(resilient_module, "_Receipt", Recorded)
+
+    def rows(storage: RDBStorage) -> list[int]:
+        query = sqlalchemy.select(RECEIPTS.c.owner_id).where(RECEIPTS.c.token.in_(tokens))
+        with storage.engine.connect() as con:
+            return [owner for (owner,) in con.execute(query)]
+
+    return rows
+
+
+def test_a_lost_reply_creates_one_trial_and_ends_it_once(server, names, receipts) -> None:
     kind, url = server
     storage = resilient(url, [])
     armed = lose_next_reply(storage)
@@ -248,7 +274,12 @@ def test_a_lost_reply_creates_one_trial_and_ends_it_once(server, names) -> None:
     trial = storage.get_trial(trial_id)
     assert (trial.state, trial.value) == (TrialState.COMPLETE, 0.5)
 
-    # What the tokens prevent: Optuna's own loop repeats the lost commit blindly (a ghost
+    # The receipts that told the attempts apart are nowhere Optuna or a user looks, and the
+    # spent ones are deleted: only the last call's receipt is left of this storage's.
+    assert trial.system_attrs == {} and storage.get_study_system_attrs(study_id) == {}
+    assert receipts(storage) == [trial_id]
+
+    # What the receipts prevent: Optuna's own loop repeats the lost commit blindly (a ghost
     # RUNNING trial nobody owns), and a blind repeat of the state change is refused.
     plain = RDBStorage(url)
     armed = lose_next_reply(plain)
@@ -401,28 +432,136 @@ def operator_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if not line.startswith("[I ")]
 
 
+def in_flight(url: str, name: str) -> list[tuple[int, int]]:
+    """(number, epochs reported) of each RUNNING trial that has reported an epoch, once another
+    trial has finished."""
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as con:
+            rows = con.execute(
+                sqlalchemy.text(
+                    "SELECT t.number, t.state, COUNT(v.trial_intermediate_value_id) FROM trials t"
+                    " JOIN studies s ON s.study_id = t.study_id"
+                    " LEFT JOIN trial_intermediate_values v ON v.trial_id = t.trial_id"
+                    " WHERE s.study_name = :name GROUP BY t.trial_id, t.number, t.state"
+                ),
+                {"name": name},
+            ).fetchall()
+    finally:
+        engine.dispose()
+    rows = [(number, str(state).rsplit(".", 1)[-1], n) for number, state, n in rows]
+    if all(state == "RUNNING" for _, state, _ in rows):
+        return []
+    return [(number, n) for number, state, n in rows if state == "RUNNING" and n]
+
+
+def freeze_mid_trial(
+    url: str,
+    name: str,
+    proc: subprocess.Popen,
+    signal_all: Callable[[int], None],
+    trials: int = 1,
+) -> list[tuple[int, int]]:
+    """Stop `proc` and its worker processes (`signal_all(SIGSTOP)`) while they train: one trial
+    has finished and `trials` others have reported an epoch. Returns (number, epochs reported)
+    of each trial in flight. Stopped, the processes can neither finish a trial nor write
+    anything before they are continued."""
+    end = time.monotonic() + 300
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"optimize ended early: {proc.communicate()}")
+        if len(in_flight(url, name)) >= trials:
+            signal_all(signal.SIGSTOP)
+            time.sleep(0.2)  # a commit already sent lands before the state is read
+            running = in_flight(url, name)
+            if len(running) >= trials:
+                return running
+            signal_all(signal.SIGCONT)  # the trial had just finished: the next one
+        time.sleep(0.05)
+    raise AssertionError("no trial in flight")
+
+
+def restart_mid_trial(
+    kind: str, url: str, name: str, cmd: list[str], trials: int = 1
+) -> tuple[subprocess.Popen, str, list[tuple[int, int]], datetime]:
+    """Run `cmd` (an `optimize` of study `name`) and restart the server while it trains
+    `trials` trials at once. Its processes are held still from before the server stops until
+    it is down, so the restart provably hits the trials in flight (a tiny model's trial lasts
+    less than a second and would otherwise often fall between two). Returns the process, its
+    stderr, the trials in flight (number, epochs reported) and when the server was stopped."""
+    # a session of its own: the signals reach the worker processes it starts, and only those
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        running = freeze_mid_trial(url, name, proc, lambda sig: os.killpg(proc.pid, sig), trials)
+        stopped_at = datetime.now()
+        restart(kind, while_down=lambda: os.killpg(proc.pid, signal.SIGCONT))
+        _, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    return proc, err, running, stopped_at
+
+
+def check_carried_on(
+    url: str, name: str, running: list[tuple[int, int]], stopped_at: datetime
+) -> None:
+    """No trial FAILed, and each trial in flight at the restart began before the server went
+    down and finished after (MariaDB keeps whole seconds; the restart takes longer than one)."""
+    trials = optuna.load_study(study_name=name, storage=url).trials
+    # the README: the trial in flight goes on; none fails (not even one retried by a copy)
+    assert [t.number for t in trials if t.state == TrialState.FAIL] == []
+    by_number = {t.number: t for t in trials}
+    for number, epochs in running:
+        carried = by_number[number]
+        assert carried.state in (TrialState.COMPLETE, TrialState.PRUNED), carried.state
+        assert carried.datetime_start < stopped_at < carried.datetime_complete
+        assert len(carried.intermediate_values) >= epochs >= 1
+
+
 @pytest.mark.parametrize("kind", sorted(PORTS))
 def test_a_database_restart_during_a_study(
     kind: str, tiny_model_dir: Path, tiny_data_dir: Path, names
 ) -> None:
+    """The server restarts while a trial trains: the worker waits, the trial carries on and
+    finishes, nothing fails."""
     url = reachable_url(kind)
     name = names(url, "restart")
     cmd = optimize_cmd(tiny_model_dir, tiny_data_dir, url, name, "--epochs", "3", "--n-trials", "6")
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        wait_mid_trial(url, name, proc)
-        restart(kind)
-        out, err = proc.communicate(timeout=600)
-    finally:
-        proc.kill()
+    proc, err, running, stopped_at = restart_mid_trial(kind, url, name, cmd)
     assert proc.returncode == 0, err
-    counts = check_accounted(url, name, 6)
     lines = operator_lines(err)
-    print(f"{kind} restart: trials {counts}; the worker printed:", *lines, sep="\n  ")
+    print(f"{kind} restart; the worker printed:", *lines, sep="\n  ")
+    check_carried_on(url, name, running, stopped_at)
+    check_accounted(url, name, 6)
     assert any("unreachable (" in line for line in lines), err
     assert any("reachable again after" in line for line in lines), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", sorted(PORTS))
+def test_a_database_restart_under_several_workers(
+    kind: str, tiny_model_dir: Path, tiny_data_dir: Path, names
+) -> None:
+    """`--workers 2`: the server restarts while both worker processes train; every worker waits
+    it out and carries on, the call finishes exactly its trials and nothing fails."""
+    url = reachable_url(kind)
+    name = names(url, "workers-restart")
+    # enough trials that the second worker, started after the baseline, meets the first
+    flags = ("--epochs", "3", "--n-trials", "16", "--workers", "2")
+    proc, err, running, stopped_at = restart_mid_trial(
+        kind, url, name, optimize_cmd(tiny_model_dir, tiny_data_dir, url, name, *flags), trials=2
+    )
+    assert proc.returncode == 0, err
+    lines = operator_lines(err)
+    print(f"{kind} restart under 2 workers; they printed:", *lines, sep="\n  ")
+    assert len(running) == 2  # a trial of each worker was in flight
+    check_carried_on(url, name, running, stopped_at)
+    check_accounted(url, name, 16)
+    # each worker met the outage, said so, and said when it ended
+    assert sum("unreachable (" in line for line in lines) >= 2, err
+    assert sum("reachable again after" in line for line in lines) >= 2, err
     assert "Traceback" not in err
 
 

@@ -5,6 +5,7 @@ Subprocess tests drive the real `python -m study` on the tiny BERT, as a user wo
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sqlite3
@@ -347,7 +348,9 @@ def test_read_only_disk(existing_study, tmpfs: Path, capsys) -> None:
     target = tmpfs / "optuna.db"
     target.write_bytes(db.read_bytes())
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
-    _refused(capsys, [*args, "--storage", f"sqlite:///{target}"], target, "cannot open storage")
+    # the operating system's own words (SQLite says only "unable to open database file")
+    reason = f"{os.strerror(errno.EROFS)} ({tmpfs})"
+    _refused(capsys, [*args, "--storage", f"sqlite:///{target}"], target, reason)
 
 
 def test_full_disk(existing_study, tmpfs: Path, capsys) -> None:
@@ -362,7 +365,9 @@ def test_full_disk(existing_study, tmpfs: Path, capsys) -> None:
         except OSError:
             pass
     os.close(fd)
-    _refused(capsys, [*args, "--storage", f"sqlite:///{target}"], target, "full")
+    # the operating system's own words (SQLite says only "disk I/O error")
+    reason = f"{os.strerror(errno.ENOSPC)} ({tmpfs}: 0 bytes free)"
+    _refused(capsys, [*args, "--storage", f"sqlite:///{target}"], target, reason)
 
 
 def test_password_never_printed(tiny_model_dir, tiny_data_dir, tmp_path: Path, capsys) -> None:

@@ -6,7 +6,8 @@ with the flags this closed network needs (no background or component traffic) an
 rule that fails every host lookup, so a script fetched from a CDN would break the page and show
 up here. A screenshot is saved under tmp_path and checked to hold more than a blank page.
 
-Skipped when /usr/bin/chromium is absent; .ci/run installs it with `apt-get install chromium`.
+Skipped when /usr/bin/chromium is absent (a failure in CI, where .ci/run installs it with
+`apt-get install chromium`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+from conftest import require
 from matplotlib.image import imread
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
@@ -25,10 +27,13 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from reports.write import write_reports
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(),
-    reason="Debian chromium is not installed at /usr/bin/chromium (apt-get install chromium)",
-)
+
+
+@pytest.fixture(autouse=True)
+def chromium_installed() -> None:
+    if not CHROMIUM.exists():
+        require("Debian chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
+
 
 SPACE = {
     "lora_r": IntDistribution(4, 64, log=True),

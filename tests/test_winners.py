@@ -19,6 +19,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from conftest import import_or_require
 from helpers import tiny_context
 from optuna.artifacts import get_all_artifact_meta
 from optuna.trial import TrialState
@@ -230,7 +231,10 @@ def test_complete_trials_keep_their_weights_as_trial_artifacts(kept_study: Simpl
             sizes[t.user_attrs["mode"]] = (kept_study.store / artifact_id).stat().st_size
     assert sizes["lora"] < sizes["full"]
 
-    dashboard = pytest.importorskip("optuna_dashboard.artifact._backend")
+
+def test_optuna_dashboard_lists_a_trials_kept_weights(kept_study: SimpleNamespace) -> None:
+    dashboard = import_or_require("optuna_dashboard.artifact._backend")
+    storage = optuna.storages.RDBStorage(kept_study.url)
     study = optuna.load_study(study_name="banking77", storage=storage)
     trial = study.trials[0]
     study_attrs = storage.get_study_system_attrs(study._study_id)

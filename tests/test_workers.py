@@ -8,7 +8,10 @@ reachable; in CI (`CI` set) an unreachable server is a failure, not a skip.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,6 +24,7 @@ from optuna.trial import TrialState
 from servers import SERVERS, delete_studies, reachable_url
 
 from objectives.occupancy import DIR_ENV
+from storage import get_storage
 
 # With pytest-xdist every test on the shared database servers runs in one worker, one at a
 # time: test_outage restarts those servers.
@@ -104,6 +108,96 @@ def test_separate_processes_on_sqlite(
         for i in range(3)
     ]
     check_study(url, "s", 6, run_concurrently(cmds))
+
+
+def test_two_processes_racing_for_the_baseline_run_it_once(
+    tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """Two `optimize` calls that start at the same moment both find no baseline and each queue
+    one; that state is set up here, then both start together. Exactly one trains the baseline:
+    the other copy ends FAIL at once, untrained ("trial N already runs the baseline")."""
+    url = f"sqlite:///{tmp_path}/o.db"
+    queued = optuna.create_study(study_name="race-full-ft", storage=url, direction="maximize")
+    for _ in range(2):  # what each racer queues (the study's stored attributes, by name)
+        queued.enqueue_trial({}, user_attrs={"baseline_role": "fixed", "lr_factor": 1.0})
+    cmds = [
+        optimize_cmd(
+            tiny_model_dir, tiny_data_dir, url, "race", "--n-trials", "1", "--sampler-seed", str(i)
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    stderr = run_concurrently(cmds)
+    baseline = optuna.load_study(study_name="race-full-ft", storage=url).trials
+    trained = [t for t in baseline if t.intermediate_values]
+    assert len(trained) == 1, [(t.number, t.state.name) for t in trained]
+    [run] = trained
+    assert run.state == TrialState.COMPLETE
+    rivals = [t for t in baseline if t is not run]
+    assert rivals, "both queued copies were used"
+    for t in rivals:
+        assert t.state == TrialState.FAIL and "train_time_s" not in t.user_attrs
+        assert t.user_attrs["fail_reason"] == f"trial {run.number} already runs the baseline"
+    # one epoch of one baseline run in the output of both processes together
+    assert len(re.findall(r"race-full-ft trial \d+ epoch", stderr)) == 1, stderr
+    check_study(url, "race", 2, stderr)
+
+
+TAKE_QUEUED = r"""
+import json, sys, time
+import optuna, sqlalchemy
+from storage import get_storage
+
+url, out = sys.argv[1:]
+storage = get_storage(url, heartbeat=None)
+
+
+# a wider gap between reading a queued trial's state and marking it RUNNING, so two processes
+# that could both take it would (Optuna reads the row "for update", which SQLite ignores)
+@sqlalchemy.event.listens_for(storage.engine, "before_cursor_execute")
+def slower(conn, cursor, statement, parameters, context, executemany):
+    if statement.startswith("UPDATE trials SET state"):
+        time.sleep(0.01)
+
+
+study = optuna.load_study(study_name="queue", storage=storage)
+taken = []
+while True:
+    trial = study.ask()
+    if "fixed_params" not in storage.get_trial_system_attrs(trial._trial_id):  # a new one
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        break
+    taken.append(trial.number)
+    study.tell(trial, 0.0)
+open(out, "w").write(json.dumps(taken))
+"""
+
+
+def test_sqlite_in_wal_mode_never_gives_one_queued_trial_to_two_processes(
+    tmp_path: Path,
+) -> None:
+    """The SQLite file `get_storage` makes is in WAL mode: a reader holding a read transaction
+    open (a dashboard polling) blocks no writer. Two processes taking queued trials at the same
+    time each take a different one: every queued trial is taken exactly once."""
+    db = tmp_path / "queue.db"
+    url = f"sqlite:///{db}"
+    study = optuna.create_study(study_name="queue", storage=get_storage(url, heartbeat=None))
+    for i in range(60):
+        study.enqueue_trial({"i": i})
+    queued = sorted(t.number for t in study.trials)
+    reader = sqlite3.connect(db)
+    try:
+        assert reader.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        reader.execute("BEGIN")  # a read snapshot held open during the whole run
+        assert reader.execute("SELECT COUNT(*) FROM trials").fetchone() == (60,)
+        outs = [tmp_path / f"taken-{i}.json" for i in range(2)]
+        run_concurrently([[sys.executable, "-c", TAKE_QUEUED, url, str(out)] for out in outs])
+    finally:
+        reader.close()
+    taken = [json.loads(out.read_text()) for out in outs]
+    assert all(taken), taken  # both took part
+    assert sorted(taken[0] + taken[1]) == queued  # each queued trial once, none twice
+    states = [t.state for t in optuna.load_study(study_name="queue", storage=url).trials]
+    assert states.count(TrialState.COMPLETE) == 60 and TrialState.RUNNING not in states
 
 
 @pytest.fixture(params=sorted(SERVERS))
