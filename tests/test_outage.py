@@ -144,7 +144,7 @@ def test_lost_connections_and_lock_conflicts_are_told_apart() -> None:
     assert classify(KeyError("no study")) is None
 
     # Optuna's _get_trials queries again in the same session after an OperationalError (a
-    # MariaDB restart did this in CI): the session's refusal is classified by what failed first.
+    # MariaDB restart): the session's refusal is classified by what failed first.
     def refused_after(first: Exception) -> Exception:
         try:
             try:
