@@ -45,6 +45,19 @@ def make_rows(n_per_intent: int, seed: int) -> list[tuple[str, str]]:
     return rows
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_occupancy_folder(tmp_path_factory: pytest.TempPathFactory):
+    """The tests' training runs register in a folder of their own (inherited by the commands
+    they start): a user's study on the same machine must not count them as trials training
+    beside it, nor they it."""
+    from objectives.occupancy import DIR_ENV
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv(DIR_ENV, str(tmp_path_factory.mktemp("occupancy")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("tiny_data")
