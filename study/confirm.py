@@ -1,16 +1,9 @@
-"""`python -m study confirm`: re-train the best LoRA trials and the baseline with several seeds.
+"""`python -m study confirm`: re-train the best LoRA trials and the baseline with several seeds,
+as trials of the study `<NAME>-confirm` (docs/methodology.md, "Seed repeats").
 
-A study ranks trials by single runs, and the ranking's top is partly luck: the seed that picked
-the winner also flattered it. `confirm` takes the K best COMPLETE LoRA trials of a study (by
-validation F1, never test F1) and the COMPLETE baseline, and trains each configuration again with
-S fresh seeds (`--seed` + 1 ... `--seed` + S, the same seeds for every configuration). The runs
-are trials of the study `<NAME>-confirm` in the same storage; each records its source study and
-trial number and its seed (`source_study`, `source_trial`, `seed`), plus the usual attributes.
-
-Runs are queued as WAITING trials first, so an interrupted `confirm` resumes where it stopped: a
-rerun queues only the runs that are neither COMPLETE nor queued nor running, and a run whose
-worker died is failed by the heartbeat and queued again (as in `optimize`). The statistics over
-the seeds are in `reports.confirm`; `report` shows them.
+Runs are queued as WAITING trials first, so an interrupted `confirm` resumes where it stopped
+and a run whose worker died is failed by the heartbeat and queued again. The statistics over
+the seeds are in `reports.confirm`.
 """
 
 from __future__ import annotations

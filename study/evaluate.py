@@ -1,10 +1,7 @@
 """The `evaluate` command: reload a trial's kept weights and measure them again on val or test.
 
-It predicts exactly as training did (same tokenisation, length buckets, batch size and autocast
-dtype on the same kind of device), so on the device the trial ran on the recomputed macro-F1 and
-accuracy equal the trial's stored `val_f1`/`val_accuracy` or `test_f1`/`test_accuracy`.
-It writes `metrics.json` (recomputed and stored values side by side), `per_class_f1.csv` and
-`confusion_matrix.png` (rows = true intent, shaded by share of the row).
+It predicts exactly as training did, so on the device the trial ran on the recomputed metrics
+equal the stored ones; what it writes: docs/usage.md, "Evaluating a kept trial".
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """What `optimize` shows in optuna-dashboard: a study note and two Pareto figures, kept current.
 
-The note (Markdown, optuna-dashboard's study note) puts the best LoRA trial beside the full-FT
-baseline in the columns of the end-of-run table, with the F1 gap and the cost ratios. The figures
-are `reports.figures.pareto_figure` (validation F1 against trainable parameters and against
-training time, the baseline marked), stored as optuna-dashboard custom plots under fixed ids so
-each refresh replaces them. `DashboardNotes` is an Optuna callback that rewrites both after every
-finished trial: a few reads and a few dozen small writes, negligible beside a trial that trains
-a model.
-
-The builders are pure functions of trials; only `DashboardNotes` touches storage. plotly and
-optuna-dashboard are imported where they are used: training runs where they are not installed
-(a GPU machine, say), and then simply has no note or plots (`dashboard_missing`).
+`DashboardNotes`, an Optuna callback, rewrites both after every finished trial: a few reads and
+a few dozen small writes, negligible beside a trial that trains a model. The builders are pure
+functions of trials. plotly and optuna-dashboard are imported where they are used: training
+runs where they are not installed (a GPU machine, say), and then has no note or plots.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """The `predict` command: classify texts with a folder written by `export`.
 
-The folder is loaded the way the README tells users to load it with plain transformers (peft
-puts an adapter onto its base model), so what `predict` prints is what users' own code gets. It
-runs on the device training would pick (`--device auto`: CUDA, then MPS, then the CPU) with the
-same autocast dtype, and prints each text's top intents with their probabilities. The request
-(texts, --top-k, the folder) is checked before torch is imported.
+The folder is loaded the way the docs tell users to load it with plain transformers, so what
+`predict` prints is what users' own code gets. The request is checked before torch is imported.
 """
 
 from __future__ import annotations

@@ -1,11 +1,5 @@
-"""`python -m study studies`: what a storage holds, one line per study.
-
-For each study: its role (the LoRA study, its full fine-tuning baseline, the seed repeats of
-`confirm`), its trials by state, the best validation F1 and the trial that reached it (for a
-baseline study the fixed run, never a learning-rate neighbour), the baseline's F1 beside each LoRA
-study, and the model and data it was made with (its recipe). Optuna's own `optuna studies
---storage URL` keeps working on the same storage: these are ordinary Optuna studies.
-"""
+"""`python -m study studies`: what a storage holds, one line per study (docs/usage.md,
+"Listing studies"), and the lookups of a study by name."""
 
 from __future__ import annotations
 

@@ -55,7 +55,8 @@ def one_gpu_problem(device: torch.device, visible_gpus: int) -> str | None:
 
 
 def alternating(repeats: int) -> list[tuple[int, str]]:
-    """(repeat, loop) in run order: ours first in odd repeats, the reference first in even."""
+    """(repeat, loop) in run order: ours first in odd repeats, the reference first in even, so
+    that a drift in the machine's load hits both loops alike."""
     order = []
     for i in range(repeats):
         loops = LOOPS if i % 2 == 0 else LOOPS[::-1]
