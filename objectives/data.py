@@ -1,10 +1,5 @@
-"""Banking77 (or any intent CSV in its layout): load, validate, split, fingerprint, tokenise once.
-
-Two sources give the same result: a local folder in the PolyAI layout (``train.csv``/``test.csv``
-with header ``text,category``) or the Hugging Face Hub (``PolyAI/banking77``). Label ids are the
-positions of the sorted intent names, so both sources agree. The validation split is a stratified
-10% of the training split drawn with a fixed seed, independent of trial seeds; the test split is
-never used to choose anything.
+"""Banking77 (or any intent CSV in its layout): load, validate, split, fingerprint, tokenise once
+(the rules: docs/methodology.md, "Data and splits").
 """
 
 from __future__ import annotations

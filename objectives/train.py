@@ -1,18 +1,9 @@
 """The training loop: AdamW, a transformers LR schedule, autocast, clipping, per-epoch validation.
 
 It knows nothing of Optuna: the caller passes `on_epoch_end`, which may raise to stop the run
-(a pruner does). One optimizer step is `_step`: forward, loss, backward, clip, step. Devices and
-precision live in `objectives.device`, length-bucketed batches in `objectives.batching`, the
-forward pass and the metrics of a split in `objectives.evaluation`.
-
-What a step computes is the model's function; how it computes it is cheaper where it can be:
-- BERT classifiers run through `objectives.fastbert`: no work on pad tokens on CPUs (packed
-  tokens), the last layer only for [CLS], LoRA updates fused into one matmul, and on CPUs
-  dropout masks from a seeded NumPy generator;
-- full fine-tuning on a CPU trains only the word-embedding rows the data uses and decays the
-  others lazily (`objectives.embedding_rows`), which is what dense AdamW does to them;
-- on CUDA, each bucket's forward and backward are replayed from a CUDA graph
-  (`objectives.graphs`), with an eager fallback wherever graphs do not apply.
+(a pruner does). One optimizer step is `_step`: forward, loss, backward, clip, step. The
+speed-ups it uses compute the same function more cheaply: `objectives.fastbert`,
+`objectives.embedding_rows` and, on CUDA, `objectives.graphs`.
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
-"""Seed repeats of the best configurations (`python -m study confirm`): means, intervals, verdict.
-
-Pure functions over the `<NAME>-confirm` study's trials. Runs are grouped by their source trial;
-each group gives, over its seeds, the mean and a 95% t interval (mean +/- t(0.975, n-1) * s/sqrt(n))
-of validation and test macro-F1 and of training time. The best LoRA configuration is the group
-with the highest mean validation F1 (test F1 never chooses). It is compared with the baseline by
-Welch's t interval for the difference of mean test macro-F1 (unequal variances, Welch-Satterthwaite
-degrees of freedom): the two are called distinguishable when that 95% interval excludes zero.
-A seed interval covers training noise (initialisation, dropout, batch order) on fixed data
-splits; it does not cover the sampling noise of the test set itself.
+"""Seed repeats of the best configurations (`python -m study confirm`): means, 95% t intervals
+and the verdict of the best LoRA configuration against the baseline by Welch's t interval
+(docs/methodology.md, "Seed repeats"). Pure functions over the `<NAME>-confirm` study's trials.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """The report's figures, each defined once as a plotly figure: index.html shows it, `reports.png`
-draws its PNG from it, and optuna-dashboard stores `pareto_figure`.
+draws its PNG from it, and optuna-dashboard stores the Pareto figures.
 
-Every builder is a pure function of trial records or computed tables and returns a
-`plotly.graph_objects.Figure`; nothing is written here. Optuna's own plots
-(`optuna.visualization`) draw one study's COMPLETE trials; these put the pruned trials, the Pareto
-front and the full fine-tuning baseline beside them, which is the comparison the study is for.
+Optuna's own plots (`optuna.visualization`) draw one study's COMPLETE trials; these put the
+pruned trials, the Pareto front and the full fine-tuning baseline beside them, which is the
+comparison the study is for.
 """
 
 from __future__ import annotations

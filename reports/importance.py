@@ -1,15 +1,12 @@
 """Hyperparameter importance for validation F1 with fANOVA and PED-ANOVA (`optuna.importance`).
 
-Direction matters for PED-ANOVA, which compares the parameter distribution of the best trials
-with that of all trials: ranking by the *worst* trials answers a different question. The installed
-Optuna reads the study direction only when no `target` is given, and with a `target` it assumes
-lower is better. So the evaluators run on a private in-memory study of the COMPLETE trials, and
-PED-ANOVA gets the documented "lower is better" target `-F1`; fANOVA (a variance decomposition, so
-sign-free) gets F1 itself. The tests check that a parameter that drives F1 up is ranked first.
+PED-ANOVA compares the best trials with all trials, so direction matters: the installed Optuna
+reads the study direction only when no `target` is given, and with a `target` it assumes lower
+is better. So the evaluators run on a private in-memory study of the COMPLETE trials, PED-ANOVA
+gets the target `-F1` and fANOVA (a variance decomposition, sign-free) F1 itself.
 
 Too few trials give importances that are noise (Optuna returns zeros, which `normalize=True` would
-turn into misleading equal shares), so below a minimum number of COMPLETE trials an evaluator is
-skipped with a note instead.
+turn into misleading equal shares), so below `MIN_TRIALS` an evaluator is skipped with a note.
 """
 
 from __future__ import annotations

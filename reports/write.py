@@ -1,11 +1,8 @@
 """`write_reports`: every report file for a LoRA study and its full fine-tuning baseline.
 
-Reads the trials once, sets the best LoRA trial against the baseline (`reports.comparison`),
-computes the tables (`reports.tables`, `reports.importance`, `reports.perclass`), then writes CSV,
-PNG, REPORT.md and index.html into one folder. A study that is still running, has no COMPLETE
-trial, or too few trials for importance still gets a full set of files, with notes saying what
-is missing and why. `write_tables` writes the CSV tables alone, without plotly or matplotlib
-(device-check uses it on machines that have neither).
+A study that is still running, has no COMPLETE trial, or too few trials for importance still
+gets a full set of files, with notes saying what is missing and why. `write_tables` writes the
+CSV tables alone, without plotly or matplotlib.
 """
 
 from __future__ import annotations
@@ -325,10 +322,8 @@ def write_reports(
     out_dir: Path | str,
     confirm: optuna.Study | None = None,
 ) -> list[Path]:
-    """Write summary.csv, pareto_params.csv, pareto_time.csv, importance.csv, the PNG plots,
-    index.html and REPORT.md for `study` (and its full fine-tuning `baseline`, if any) into
-    `out_dir`, created if needed; with the `confirm` study of seed repeats also confirm.csv and
-    a confirmation section. Returns the paths written."""
+    """Every report file for `study` and its `baseline` (if any) into `out_dir`, created if
+    needed; with the `confirm` study also confirm.csv and its section. The paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = study_records(study, baseline)
