@@ -90,7 +90,7 @@ def read_csv_split(path: Path) -> tuple[list[str], list[str]]:
                 "(malformed or truncated CSV?)"
             )
         text, intent = row[ti].strip(), row[ci].strip()
-        if not text or not _has_letters(text):
+        if not any(ch.isalpha() for ch in text):
             raise DataError(f"{path} row {line_no} has no text: {row[ti]!r}")
         if not intent:
             raise DataError(f"{path} row {line_no} has an empty category")
@@ -99,10 +99,6 @@ def read_csv_split(path: Path) -> tuple[list[str], list[str]]:
     if not texts:
         raise DataError(f"{path} has a header but no rows")
     return texts, intents
-
-
-def _has_letters(text: str) -> bool:
-    return any(ch.isalpha() for ch in text)
 
 
 def load_local(data_dir: Path) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:

@@ -47,7 +47,8 @@ def resolve_device(requested: str, cuda_count: int, mps_available: bool) -> str:
         raise DeviceError("--device mps was asked for, but PyTorch sees no Apple GPU (MPS)")
     if requested in ("mps", "cpu"):
         return requested
-    index = 0 if requested == "cuda" else _cuda_index(requested)
+    m = _CUDA_INDEX.fullmatch(requested)
+    index = 0 if requested == "cuda" else int(m.group(1)) if m else None
     if index is None:
         raise DeviceError(f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps")
     if not cuda_count:
@@ -58,11 +59,6 @@ def resolve_device(requested: str, cuda_count: int, mps_available: bool) -> str:
             f"cuda:0 to cuda:{cuda_count - 1} (CUDA_VISIBLE_DEVICES renumbers them from 0)"
         )
     return f"cuda:{index}"
-
-
-def _cuda_index(name: str) -> int | None:
-    m = _CUDA_INDEX.fullmatch(name)
-    return int(m.group(1)) if m else None
 
 
 def cuda_device_count() -> int:

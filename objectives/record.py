@@ -224,14 +224,6 @@ def best_trials(trials: Sequence[FrozenTrial], top: int) -> list[FrozenTrial]:
     return [by_number[r.number] for r in ranked(to_records(trials, ""))[:top]]
 
 
-def neighbour_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """COMPLETE learning-rate neighbours of a baseline study, smallest learning rate first."""
-    done = [r for r in to_records(trials, "", baseline=True) if r.complete and r.neighbour]
-    by_number = {t.number: t for t in trials}
-    ordered = sorted(done, key=lambda r: (r.lr_factor or 1.0, r.number))
-    return [by_number[r.number] for r in ordered]
-
-
 def count_states(trials: Iterable[FrozenTrial]) -> Counter[str]:
     """How many trials are in each state, by the state's name (COMPLETE, PRUNED, ...)."""
     return Counter(t.state.name for t in trials)

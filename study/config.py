@@ -80,10 +80,6 @@ class StudyConfig:
         return self.study_name + BASELINE_SUFFIX
 
     @property
-    def sampler_base_seed(self) -> int:
-        return self.seed if self.sampler_seed is None else self.sampler_seed
-
-    @property
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(self.heartbeat_interval, self.grace_period, self.db_outage_grace)
 

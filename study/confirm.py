@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from objectives.config import TrainConfig, run_config
 from objectives.objective import TRIAL_FAILURES, RunContext, run_trial
@@ -73,11 +73,6 @@ class Job:
             return None
 
 
-def _epochs(trial: FrozenTrial, fallback: int) -> int:
-    epochs = TrialRecord.from_trial(trial, "").max_epochs
-    return fallback if epochs is None else epochs
-
-
 def plan_jobs(
     lora: optuna.Study, baseline: optuna.Study, top: int, seeds: list[int], epochs: int | None
 ) -> list[Job]:
@@ -97,7 +92,8 @@ def plan_jobs(
     jobs = []
     for study, trials, mode in ((lora, chosen, "lora"), (baseline, base, "full")):
         for t in trials:
-            n_epochs = epochs or _epochs(t, TrainConfig().epochs)
+            budget = TrialRecord.from_trial(t, "").max_epochs
+            n_epochs = epochs or (TrainConfig().epochs if budget is None else budget)
             for seed in seeds:
                 jobs.append(Job(study.study_name, t.number, mode, dict(t.params), n_epochs, seed))
     return jobs

@@ -37,7 +37,6 @@ def load_exported(folder: Path) -> tuple[nn.Module, Any]:
 
     from objectives.weights import CLASSIFICATION_CONFIG
 
-    folder = _model_folder(folder)
     config_source = folder / CLASSIFICATION_CONFIG
     try:
         config = AutoConfig.from_pretrained(config_source if config_source.is_file() else folder)
@@ -54,13 +53,6 @@ def load_exported(folder: Path) -> tuple[nn.Module, Any]:
         raise PredictError(f"cannot load the model in {folder}: {first_line(e)}") from None
     model.eval()
     return model, tokenizer
-
-
-def _model_folder(folder: str | Path) -> Path:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise PredictError(f"no model folder at {folder}; write one with `python -m study export`")
-    return folder
 
 
 def read_texts(path: Path) -> list[str]:
@@ -146,7 +138,9 @@ def run_predict(
         raise PredictError('give texts to classify ("text" ...) or --input FILE.csv')
     if top_k < 1:
         raise PredictError(f"--top-k must be a positive number, got {top_k}")
-    folder = _model_folder(model_dir)
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise PredictError(f"no model folder at {folder}; write one with `python -m study export`")
     from objectives.device import compute_dtype, detect_device
 
     device = detect_device(device_name)

@@ -256,13 +256,14 @@ def optimize_worker(
     share_cpu_threads(cfg)
     prep = prep or prepare_run(cfg)
     storage = get_storage(cfg.storage, cfg.heartbeat, wait=True)  # it worked for the parent
+    seed = cfg.seed if cfg.sampler_seed is None else cfg.sampler_seed
     study = open_study(
         storage,
         cfg.study_name,
         cfg,
         prep,
         with_space=True,
-        sampler=make_sampler(cfg.sampler, cfg.sampler_base_seed + worker),
+        sampler=make_sampler(cfg.sampler, seed + worker),
         pruner=make_pruner(cfg.pruner, cfg.epochs),
     )
     objective = LoraObjective(prep.space, cfg.train_config(), keeping_weights(prep, cfg))

@@ -19,7 +19,8 @@ TRIAL_COLUMNS = (
 )  # fmt: skip
 
 
-def _num(value: float | None, fmt: str) -> str:
+def cell(value: float | None, fmt: str) -> str:
+    """`value` in `fmt`, "-" where it is unknown."""
     return "-" if value is None else format(value, fmt)
 
 
@@ -32,16 +33,16 @@ def _setting_cells(mode: str | None, p: Mapping[str, Any], counts: Sequence[Any]
         str(p.get("lora_r", "-")),
         format(p["learning_rate"], ".2e") if "learning_rate" in p else "-",
         str(p.get("lr_scheduler", "-")),
-        _num(trainable, ","),
-        _num(total, ","),
-        _num(share, ".2f"),
+        cell(trainable, ","),
+        cell(total, ","),
+        cell(share, ".2f"),
     ]
 
 
 def trial_row(r: TrialRecord) -> list[str]:
     """A trial's cells in `TRIAL_COLUMNS` order, "-" where unknown."""
     counts = (r.trainable_params, r.total_params, r.trainable_share_pct)
-    cells = [_num(r.train_time_s, ".1f"), _num(r.val_f1, ".4f"), _num(r.test_f1, ".4f")]
+    cells = [cell(r.train_time_s, ".1f"), cell(r.val_f1, ".4f"), cell(r.test_f1, ".4f")]
     return [*_setting_cells(r.mode, r.params, counts), *cells]
 
 

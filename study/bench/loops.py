@@ -86,7 +86,7 @@ def build_workload(cfg: BenchConfig, device: torch.device) -> Workload:
     from objectives.data import encode, load_data
     from objectives.model import load_pretrained
 
-    data = load_data(cfg.resolved_data_dir, cfg.max_train_samples)
+    data = load_data(cfg.study_config().resolved_data_dir, cfg.max_train_samples)
     base, tokenizer = load_pretrained(cfg.model, data.label_names)
     encoded = encode(data, tokenizer, cfg.max_length)
     return Workload(
