@@ -102,11 +102,6 @@ class TrainResult:
     def setup_time_s(self) -> float:
         return self.setup.setup_time_s
 
-    @property
-    def wait_time_s(self) -> float:
-        """What a user waits for the training: setup and the epochs (evaluation excluded)."""
-        return self.setup.setup_time_s + self.train_time_s
-
 
 def make_optimizer(
     model: nn.Module,

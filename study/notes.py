@@ -185,13 +185,10 @@ def dashboard_figures(
 
 
 class DashboardNotes:
-    """Optuna callback: rewrite the LoRA study's note and Pareto plots after every trial.
-
-    Call `refresh(study)` once before `study.optimize` so the dashboard shows the comparison
-    (and the baseline) before the first trial ends. The baseline study is looked up by name on
-    each refresh, so worker processes need only the storage, and a baseline finished by another
-    process shows up. A failed refresh is reported on stderr and never stops the study: the
-    dashboard view is a convenience, the trials are the product.
+    """Optuna callback: rewrite the LoRA study's note and Pareto plots after every trial
+    (`refresh` once before the first). The baseline is looked up by name on each refresh, so a
+    worker needs only the storage. A failed refresh is reported on stderr and never stops the
+    study: the dashboard view is a convenience, the trials are the product.
     """
 
     def __init__(self, storage: optuna.storages.BaseStorage, baseline_name: str) -> None:

@@ -31,11 +31,6 @@ class ReferenceResult:
     def train_time_s(self) -> float:
         return sum(self.epoch_times_s)
 
-    @property
-    def wait_time_s(self) -> float:
-        """What a user waits for the training: setup and the epochs."""
-        return self.setup_time_s + self.train_time_s
-
 
 class _TokenDataset(torch.utils.data.Dataset):
     """Unpadded examples, as a tokenised `datasets.Dataset` would hand them to the collator."""
