@@ -121,7 +121,7 @@ def from_hub_dataset(dsd: Any) -> tuple[tuple[list[str], list[str]], tuple[list[
     return out[0], out[1]
 
 
-def load_hub(name: str = HUB_DATASET) -> tuple[tuple[list[str], list[str]], ...]:
+def load_hub() -> tuple[tuple[list[str], list[str]], ...]:
     """Banking77 from the Hub; falls back to its parquet export for script-free `datasets`."""
     try:
         import datasets
@@ -133,11 +133,11 @@ def load_hub(name: str = HUB_DATASET) -> tuple[tuple[list[str], list[str]], ...]
     errors = []
     for revision in (None, HUB_PARQUET_REVISION):
         try:
-            return from_hub_dataset(datasets.load_dataset(name, revision=revision))
+            return from_hub_dataset(datasets.load_dataset(HUB_DATASET, revision=revision))
         except Exception as e:  # noqa: BLE001 - any Hub failure is reported below with both causes
             errors.append(f"{type(e).__name__}: {first_line(e)}")
     raise DataError(
-        f"cannot load {name} from the Hugging Face Hub ({'; then '.join(errors)}). "
+        f"cannot load {HUB_DATASET} from the Hugging Face Hub ({'; then '.join(errors)}). "
         f"Offline, pass --data-dir DIR (a folder with the PolyAI train.csv and test.csv) "
         f"or set {DATA_DIR_ENV}"
     )

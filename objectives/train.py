@@ -104,17 +104,10 @@ class TrainResult:
 
 
 def make_optimizer(
-    model: nn.Module,
-    cfg: TrainConfig,
-    device: torch.device,
-    params: list[nn.Parameter] | None = None,
+    params: list[nn.Parameter], cfg: TrainConfig, device: torch.device
 ) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases and LayerNorm weights (as the HF Trainer does).
-
-    `params` replaces the model's trainable parameters (see `used_rows`).
-    """
-    if params is None:
-        params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW over the trained `params` with no weight decay on biases and LayerNorm weights (as
+    the HF Trainer does)."""
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -249,7 +242,7 @@ def _set_up(
     if vocab is not None:
         parts = replace(parts, word_lookup=vocab.lookup)
         trainable = [p for p in trainable if p is not vocab.weight] + [vocab.compact]
-    optimizer = make_optimizer(model, cfg, device, trainable)
+    optimizer = make_optimizer(trainable, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
     forward = make_forward(model, device, training_dropout(device, cfg.seed), parts)
     sync_device(device)

@@ -31,7 +31,7 @@ class Interval:
         return None if self.high is None else self.high - self.mean
 
 
-def t_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
+def t_interval(values: Sequence[float]) -> Interval:
     """Mean and the two-sided t interval of the mean (scipy's one-sample t test)."""
     if not values:
         raise ValueError("no values")
@@ -40,11 +40,11 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
         return Interval(mean, None, None, n)
     if statistics.stdev(values) == 0.0:  # scipy's interval is NaN without spread
         return Interval(mean, mean, mean, n)
-    ci = stats.ttest_1samp(values, 0.0).confidence_interval(level)
+    ci = stats.ttest_1samp(values, 0.0).confidence_interval(LEVEL)
     return Interval(mean, float(ci.low), float(ci.high), n)
 
 
-def welch_interval(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> Interval:
+def welch_interval(a: Sequence[float], b: Sequence[float]) -> Interval:
     """Mean of a minus mean of b, with Welch's t interval (None bounds: too few values)."""
     diff = statistics.fmean(a) - statistics.fmean(b)
     n = min(len(a), len(b))
@@ -52,7 +52,7 @@ def welch_interval(a: Sequence[float], b: Sequence[float], level: float = LEVEL)
         return Interval(diff, None, None, n)
     if statistics.variance(a) == 0.0 and statistics.variance(b) == 0.0:
         return Interval(diff, diff, diff, n)  # scipy's interval is NaN without spread
-    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(LEVEL)
     return Interval(diff, float(ci.low), float(ci.high), n)
 
 

@@ -20,7 +20,7 @@ from objectives.objective import TRIAL_FAILURES, RunContext, run_trial
 from objectives.record import Attr, TrialRecord, best_trials
 from storage import get_storage
 from study.config import CONFIRM_SUFFIX, ConfigError, StudyConfig
-from study.prepare import Prepared, prepare_run
+from study.prepare import prepare_run
 from study.quota import optimize_quota
 from study.runner import check_identity, open_study, study_identity
 from study.studies import load_studies
@@ -140,7 +140,7 @@ def queue_jobs(study: optuna.Study, jobs: list[Job]) -> int:
 
 
 def run_confirm(
-    cfg: StudyConfig, top: int, n_seeds: int, epochs: int | None, prep: Prepared | None = None
+    cfg: StudyConfig, top: int, n_seeds: int, epochs: int | None
 ) -> tuple[optuna.Study, list[Job]]:
     """The `confirm` command: queue the runs, then train every queued one. `top`, `n_seeds`
     and `epochs` are checked with the other flags (`study.config.check_confirm_counts`)."""
@@ -148,7 +148,7 @@ def run_confirm(
     lora, baseline = load_studies(storage, cfg.study_name)
     if baseline is None:
         raise ConfigError(f"no baseline study {cfg.baseline_name!r} in this storage")
-    prep = prep or prepare_run(cfg, need_space=False)
+    prep = prepare_run(cfg, need_space=False)
     identity = study_identity(cfg, prep, with_space=False)
     check_identity(cfg.study_name, lora, identity)  # same model and data, or refuse
     seeds = [cfg.seed + 1 + i for i in range(n_seeds)]
