@@ -30,6 +30,7 @@ PED_ANOVA = "PED-ANOVA"
 # Fewest COMPLETE trials for a ranking worth printing. PED-ANOVA looks at the top quantile only,
 # and its authors advise at least 5 trials there; with the quantile capped at 0.5 that takes 10.
 MIN_TRIALS: Mapping[str, int] = {FANOVA: 5, PED_ANOVA: 10}
+FANOVA_SEED = 0  # fANOVA's random forest: a report gives the same ranking every time
 PED_ANOVA_TOP_TRIALS = 5  # aim for this many trials in PED-ANOVA's top quantile
 PED_ANOVA_QUANTILE_RANGE = (0.1, 0.5)  # Optuna's default quantile, and at most half the trials
 
@@ -118,7 +119,7 @@ def _run(
     return {name: (float(value / total) if total > 0 else 0.0) for name, value in raw.items()}
 
 
-def param_importances(trials: Sequence[FrozenTrial], *, seed: int = 0) -> ImportanceResult:
+def param_importances(trials: Sequence[FrozenTrial]) -> ImportanceResult:
     """Importance of each sampled parameter for validation F1 (maximised), per evaluator.
 
     `trials` are the LoRA study's trials of any state; only COMPLETE ones with a finite value are
@@ -138,7 +139,7 @@ def param_importances(trials: Sequence[FrozenTrial], *, seed: int = 0) -> Import
         return ImportanceResult(notes=notes, n_trials=n)
 
     evaluators = {
-        FANOVA: (lambda: FanovaImportanceEvaluator(seed=seed), _f1),
+        FANOVA: (lambda: FanovaImportanceEvaluator(seed=FANOVA_SEED), _f1),
         PED_ANOVA: (
             lambda: PedAnovaImportanceEvaluator(target_quantile=ped_anova_quantile(n)),
             _negated_f1,

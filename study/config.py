@@ -188,6 +188,6 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     return cfg
 
 
-def make_config(cli: dict[str, Any], file_values: dict[str, Any] | None = None) -> StudyConfig:
-    """Defaults, the config file and the given flags (no study recipe: see `study.cli`)."""
-    return validate(replace(StudyConfig(), **given_values(cli, file_values)))
+def make_config(cli: dict[str, Any]) -> StudyConfig:
+    """Defaults and the given flags (no config file, no study recipe: see `study.cli`)."""
+    return validate(replace(StudyConfig(), **given_values(cli)))

@@ -24,7 +24,7 @@ from reports.tables import CostKey
 from study.config import CONFIRM_SUFFIX
 
 # The note shares the terminal table's row format, so the terminal and the dashboard agree.
-from study.terminal import TRIAL_COLUMNS, trial_row
+from study.terminal import TOP, TRIAL_COLUMNS, trial_row
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -110,7 +110,6 @@ def study_note(
     lora: Sequence[FrozenTrial],
     baseline: Sequence[FrozenTrial],
     baseline_name: str,
-    top: int = 5,
     confirm: Sequence[FrozenTrial] = (),
     space: Space | None = None,
 ) -> str:
@@ -147,7 +146,7 @@ def study_note(
         lines += note_lines(c)
     for check in c.checks:
         lines += ["", f"### {check.title}", "", *(f"- {line}" for line in check.lines)]
-    top_lora = ranked(r for r in records if not r.baseline)[:top]
+    top_lora = ranked(r for r in records if not r.baseline)[:TOP]
     if len(top_lora) > 1:
         lines += ["", f"### Top {len(top_lora)} LoRA trials by validation F1", ""]
         lines += _table([(f"#{r.number}", r) for r in top_lora])

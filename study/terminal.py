@@ -17,6 +17,7 @@ TRIAL_COLUMNS = (
     "mode", "rank", "LR", "scheduler", "trainable params", "total params", "share %",
     "train time s", "val F1", "test F1",
 )  # fmt: skip
+TOP = 5  # LoRA trials shown, best first (the terminal table and the dashboard note)
 
 
 def cell(value: float | None, fmt: str) -> str:
@@ -46,10 +47,10 @@ def trial_row(r: TrialRecord) -> list[str]:
     return [*_setting_cells(r.mode, r.params, counts), *cells]
 
 
-def format_table(comparison: Comparison, lora: Sequence[TrialRecord], top: int = 5) -> str:
-    """Plain-text table: the `top` best COMPLETE trials of `lora`, then the baseline run(s)."""
+def format_table(comparison: Comparison, lora: Sequence[TrialRecord]) -> str:
+    """Plain-text table: the `TOP` best COMPLETE trials of `lora`, then the baseline run(s)."""
     base = [comparison.baseline] if comparison.baseline is not None else []
-    shown = [*ranked(lora)[:top], *base, *comparison.fairness.neighbours]
+    shown = [*ranked(lora)[:TOP], *base, *comparison.fairness.neighbours]
     if not shown:
         return "no COMPLETE trial yet"
     return aligned(TRIAL_COLUMNS, [trial_row(r) for r in shown])
