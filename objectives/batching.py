@@ -44,8 +44,8 @@ class PreparedData:
     max_token_id: int  # to refuse a tokenizer whose ids the model's embeddings cannot hold
 
 
-def bucket_length(n: int, multiple: int = PAD_MULTIPLE) -> int:
-    return multiple * math.ceil(n / multiple)
+def bucket_length(n: int) -> int:
+    return PAD_MULTIPLE * math.ceil(n / PAD_MULTIPLE)
 
 
 def prepare_split(split: Encoded, pad_id: int, device: torch.device) -> PreparedSplit:

@@ -1,10 +1,5 @@
-"""Banking77 (or any intent CSV in its layout): load, validate, split, fingerprint, tokenise once.
-
-Two sources give the same result: a local folder in the PolyAI layout (``train.csv``/``test.csv``
-with header ``text,category``) or the Hugging Face Hub (``PolyAI/banking77``). Label ids are the
-positions of the sorted intent names, so both sources agree. The validation split is a stratified
-10% of the training split drawn with a fixed seed, independent of trial seeds; the test split is
-never used to choose anything.
+"""Banking77 (or any intent CSV in its layout): load, validate, split, fingerprint, tokenise once
+(the rules: docs/methodology.md, "Data and splits").
 """
 
 from __future__ import annotations
@@ -95,7 +90,7 @@ def read_csv_split(path: Path) -> tuple[list[str], list[str]]:
                 "(malformed or truncated CSV?)"
             )
         text, intent = row[ti].strip(), row[ci].strip()
-        if not text or not _has_letters(text):
+        if not any(ch.isalpha() for ch in text):
             raise DataError(f"{path} row {line_no} has no text: {row[ti]!r}")
         if not intent:
             raise DataError(f"{path} row {line_no} has an empty category")
@@ -104,10 +99,6 @@ def read_csv_split(path: Path) -> tuple[list[str], list[str]]:
     if not texts:
         raise DataError(f"{path} has a header but no rows")
     return texts, intents
-
-
-def _has_letters(text: str) -> bool:
-    return any(ch.isalpha() for ch in text)
 
 
 def load_local(data_dir: Path) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
@@ -130,7 +121,7 @@ def from_hub_dataset(dsd: Any) -> tuple[tuple[list[str], list[str]], tuple[list[
     return out[0], out[1]
 
 
-def load_hub(name: str = HUB_DATASET) -> tuple[tuple[list[str], list[str]], ...]:
+def load_hub() -> tuple[tuple[list[str], list[str]], ...]:
     """Banking77 from the Hub; falls back to its parquet export for script-free `datasets`."""
     try:
         import datasets
@@ -142,11 +133,11 @@ def load_hub(name: str = HUB_DATASET) -> tuple[tuple[list[str], list[str]], ...]
     errors = []
     for revision in (None, HUB_PARQUET_REVISION):
         try:
-            return from_hub_dataset(datasets.load_dataset(name, revision=revision))
+            return from_hub_dataset(datasets.load_dataset(HUB_DATASET, revision=revision))
         except Exception as e:  # noqa: BLE001 - any Hub failure is reported below with both causes
             errors.append(f"{type(e).__name__}: {first_line(e)}")
     raise DataError(
-        f"cannot load {name} from the Hugging Face Hub ({'; then '.join(errors)}). "
+        f"cannot load {HUB_DATASET} from the Hugging Face Hub ({'; then '.join(errors)}). "
         f"Offline, pass --data-dir DIR (a folder with the PolyAI train.csv and test.csv) "
         f"or set {DATA_DIR_ENV}"
     )

@@ -47,7 +47,8 @@ def resolve_device(requested: str, cuda_count: int, mps_available: bool) -> str:
         raise DeviceError("--device mps was asked for, but PyTorch sees no Apple GPU (MPS)")
     if requested in ("mps", "cpu"):
         return requested
-    index = 0 if requested == "cuda" else _cuda_index(requested)
+    m = _CUDA_INDEX.fullmatch(requested)
+    index = 0 if requested == "cuda" else int(m.group(1)) if m else None
     if index is None:
         raise DeviceError(f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps")
     if not cuda_count:
@@ -58,11 +59,6 @@ def resolve_device(requested: str, cuda_count: int, mps_available: bool) -> str:
             f"cuda:0 to cuda:{cuda_count - 1} (CUDA_VISIBLE_DEVICES renumbers them from 0)"
         )
     return f"cuda:{index}"
-
-
-def _cuda_index(name: str) -> int | None:
-    m = _CUDA_INDEX.fullmatch(name)
-    return int(m.group(1)) if m else None
 
 
 def cuda_device_count() -> int:
@@ -97,12 +93,8 @@ def worker_device(requested: str, worker: int, cuda_count: int) -> str:
 
 
 def autocast_dtype(device_type: str, mixed_precision: bool, bf16_supported: bool) -> torch.dtype:
-    """The compute dtype: bf16 where the device has it, fp16 on older CUDA GPUs, else fp32.
-
-    CPUs stay in fp32: bf16 autocast on CPUs without matrix units is slower, not faster. An Apple
-    GPU without bf16 (macOS before 14) stays in fp32 too: fp16 would need a loss scaler whose
-    overflow checks wait for the GPU every step, and fp16 attention on MPS is untested here.
-    """
+    """The compute dtype: bf16 where the device has it, fp16 on older CUDA GPUs, else fp32
+    (why: docs/methodology.md, "Precision per device")."""
     import torch
 
     if not mixed_precision or device_type == "cpu":
@@ -117,13 +109,8 @@ def bf16_capable(
     cuda_capability: tuple[int, int] | None = None,
     macos: tuple[int, ...] | None = None,
 ) -> bool:
-    """Whether the device computes in bf16 natively: the precision choice as a pure function.
-
-    CUDA: compute capability 8.0 (Ampere) or newer. `torch.cuda.is_bf16_supported()` is not
-    used: its default counts emulation, so it says yes on V100 and T4, where bf16 autocast is
-    slow and SDPA's memory-efficient kernel refuses bf16; those get fp16 with loss scaling.
-    MPS: macOS 14 or newer (bf16 on Apple GPUs needs it). CPUs: never (see `autocast_dtype`).
-    """
+    """Whether the device computes in bf16 natively: CUDA capability 8.0 or newer (not
+    `torch.cuda.is_bf16_supported()`, which counts emulation), MPS on macOS 14 or newer."""
     if device_type == "cuda":
         return cuda_capability is not None and tuple(cuda_capability) >= (8, 0)
     if device_type == "mps":
@@ -164,15 +151,9 @@ def maxrss_mb(ru_maxrss: int, system: str) -> float:
 
 
 class StepPeakMemory:
-    """The peak memory of one run on its device, in MiB.
-
-    CUDA counts its own peak (`max_memory_allocated`, reset when the run starts). MPS has no peak
-    counter in torch 2.13, only the memory allocated now (`current_allocated_memory`) and the
-    driver's total (`driver_allocated_memory`, cached blocks included, and also only "now"), so the
-    loop calls `sample()` at a step's high points: after the forward pass (activations held for
-    backward) and after the optimizer step (its state exists). That is a lower bound of the true
-    peak, which may lie inside the backward pass. CPUs: the process's high-water resident set.
-    `read_mps` replaces `torch.mps.current_allocated_memory` (tests).
+    """The peak memory of one run on its device, in MiB (what each device counts:
+    docs/methodology.md, "Peak memory"). MPS has no peak counter, so the loop calls `sample()`
+    at a step's high points. `read_mps` replaces `torch.mps.current_allocated_memory` (tests).
     """
 
     def __init__(self, device: torch.device, read_mps: Callable[[], int] | None = None) -> None:

@@ -1,9 +1,5 @@
-"""The one base class of the errors that mean "bad input".
-
-The command line prints such an error's message as one line on stderr and exits 2; every other
-exception is a bug and keeps its traceback. Subclass `UserError` where a check finds bad input
-(flag, config file, data, model folder, storage URL, weights); nothing here imports torch.
-"""
+"""`UserError`, the one base class of the errors that mean "bad input" (the command line prints
+its message on one line and exits 2), and `first_line`; nothing here imports torch."""
 
 
 class UserError(ValueError):

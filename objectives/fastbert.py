@@ -1,26 +1,19 @@
 """A leaner forward pass for BERT sequence classifiers: the same function, less work.
 
-`model(input_ids, attention_mask).logits` of a `BertForSequenceClassification` runs every layer on
-every position of the padded batch, pad positions included, and runs the last layer on every
-token although the classifier reads only `[CLS]`. `bert_logits` computes the same function from
-the model's own parameters and modules (so LoRA adapters are the model's, and what is trained is
-the model) and skips that work:
+`bert_logits` computes what `model(input_ids, attention_mask).logits` of a
+`BertForSequenceClassification` computes, from the model's own parameters and modules (so LoRA
+adapters are the model's, and what is trained is the model), and skips work that feeds nothing:
 
-- packed tokens (the layout used on CPUs): the linear layers, LayerNorms, activations and
-  dropouts see only the real tokens of the batch; only attention sees the padded
-  `[batch, heads, length, head_dim]` layout of the batch's length bucket;
-- the last layer computes keys and values for all tokens, but queries, attention output and
-  feed-forward only for `[CLS]`: the other positions there feed nothing;
-- a LoRA layer adds its low-rank update inside one `addmm` (scaling folded into `alpha`) instead
-  of two more passes over the layer's output;
+- packed tokens (on CPUs): linear layers, LayerNorms, activations and dropouts see only the
+  batch's real tokens; only attention sees the padded `[batch, heads, length, head_dim]` layout;
+- the last layer computes keys and values for all tokens, the rest only for `[CLS]`;
+- a LoRA layer adds its low-rank update inside one `addmm` (scaling folded into `alpha`);
 - on CPUs, dropout masks come from a seeded NumPy generator (`MaskSource`), about three times
-  cheaper than PyTorch's CPU Bernoulli sampling, which otherwise takes a sixth of a LoRA step
-  (profiled). Same keep probability, same inverted scaling: only the random stream differs.
+  cheaper than PyTorch's CPU Bernoulli sampling (profiled); only the random stream differs.
 
 Up to float rounding, logits and gradients equal the model's own (the tests compare them with
-dropout off). Models that are not plain BERT classifiers, or LoRA variants this module does not
-reproduce (DoRA, several adapters, merged weights), give None from `bert_parts`; the training
-loop then calls the model itself.
+dropout off). Anything else, or LoRA variants it does not reproduce, gives None from
+`bert_parts`, and the loop calls the model itself.
 """
 
 from __future__ import annotations

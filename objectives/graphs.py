@@ -1,27 +1,12 @@
 """CUDA graphs for the training step: one captured forward and backward per length bucket.
 
-On a GPU a BERT step for short texts is mostly launch overhead: hundreds of small kernels, each
-queued by Python. Capturing the forward and backward pass as CUDA graphs
-(`torch.cuda.make_graphed_callables`, no compiler involved) replays each as a single launch.
-A graph has fixed shapes, so every batch of a bucket gets the same shape `[batch_size, length]`:
-a bucket's last, short batch is filled up with a dummy row whose label the loss ignores. The
-mean loss over the real rows and every gradient are then exactly those of the short batch: the
-dummy row attends only to itself and its loss term is zero. That keeps the graphs to one per
-bucket length (eight or so for Banking77), each captured in well under a second per trial, so
-LoRA ranks and trials never wait for a compiler.
-
-The optimizer step, gradient clipping and the schedule stay eager: fused AdamW is a handful of
-launches. Where graphs cannot work (CPUs, Apple GPUs, fp16 with its loss scaler, models the lean
-BERT forward does not cover) or capture fails, `capture_train_step` gives no step (and says why)
-and the loop runs eagerly; setting the environment variable `STUDY_CUDA_GRAPHS=0` forces that too.
-
-Graphs cost memory the eager loop does not spend: each bucket's pool keeps its own full set of
-gradients, the bf16 copies of the weights autocast makes, and the activations of a batch of its
-length, for as long as the graphs live. Full fine-tuning of bert-base with eight buckets holds
-about 8 x 0.44 GB of gradients alone. So capture first estimates that memory
-(`graph_memory_bytes`) and trains eagerly when it, with the optimizer state still to come,
-does not fit the free device memory; running out of memory during capture falls back to eager
-too (the trainer handles the first step, see `objectives.train.GraphMemoryError`).
+On a GPU a BERT step for short texts is mostly launch overhead; a captured graph
+(`torch.cuda.make_graphed_callables`, no compiler involved) replays it as a single launch. A
+graph has fixed shapes, so a bucket's last, short batch is filled up to `[batch_size, length]`
+with a dummy row whose label the loss ignores: it attends only to itself and its loss term is
+zero, so the mean loss and every gradient are exactly those of the short batch. The optimizer
+step, clipping and the schedule stay eager. When and why the loop trains eagerly instead, and
+what graphs cost in memory: docs/methodology.md, "CUDA graphs".
 """
 
 from __future__ import annotations

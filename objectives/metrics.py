@@ -1,9 +1,6 @@
-"""Classification metrics over label arrays or a confusion matrix, computed by `sklearn.metrics`.
-
-The conventions the study reports: a class whose precision or recall divides by zero scores 0
-(`zero_division=0`), and macro-F1 averages over the classes present in the true or the predicted
-labels (scikit-learn's default label set), so a class absent from both does not pull it down.
-No model, no torch needed.
+"""Classification metrics over label arrays or a confusion matrix, computed by `sklearn.metrics`:
+a score that divides by zero is 0, and macro-F1 averages over the classes present in the true
+or the predicted labels, so a class absent from both does not pull it down.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""How many trials train on the same device of this machine at the same time.
-
-Training times are only comparable between runs made under the same load: with `--workers 2`
-two LoRA trials share a GPU (or the CPU cores), while the baseline trained alone before the
-workers started. Each training run registers itself as a file in a folder per device, under the
-machine's temporary directory, and counts the other live registrations. A process that died
-without removing its file is recognised by its process id and its file removed. This works
-across studies, storages and commands of one user on one machine: whatever shares a device.
+"""How many trials train on the same device of this machine at the same time (docs/methodology.md,
+"Times under load"): each run registers a file in a folder per device under the temporary
+directory and counts the other live ones; a dead process's file is recognised by its id and
+removed.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """The trial record: what every trial of both studies stores, defined once.
 
-The objective writes a trial's user attributes under the keys of `Attr`; every reader (the
-terminal table, the dashboard note, the reports, confirm, evaluate, export) reads them back
-through `TrialRecord.from_trial()`, and `ranked()` / `best_trials()` are the one rule for "the
-best trial": COMPLETE, highest validation F1 (never test F1: the test split chooses nothing),
-the earliest on ties as with Optuna's `best_trial`, and in a baseline study never a
-learning-rate neighbour (the fixed run is the yardstick).
-
-A trial still running, or one that failed, lacks the attributes of what it did not reach, and a
-value may be null, non-finite or of an unexpected type (an edit in optuna-dashboard, say):
-`from_trial` turns all of those into `None` instead of raising (a report shows an empty cell,
-never crashes on an odd trial).
+The objective writes a trial's user attributes under the keys of `Attr`; every reader reads them
+back through `TrialRecord.from_trial()`, which turns missing, null, non-finite or odd values
+into `None` (a report shows an empty cell, never crashes on an odd trial). `ranked()` and
+`best_trials()` are the one rule for "the best trial" (docs/ARCHITECTURE.md, "objectives/").
 """
 
 from __future__ import annotations
@@ -229,14 +222,6 @@ def best_trials(trials: Sequence[FrozenTrial], top: int) -> list[FrozenTrial]:
     """The `top` best trials of one study by `ranked`'s rule."""
     by_number = {t.number: t for t in trials}
     return [by_number[r.number] for r in ranked(to_records(trials, ""))[:top]]
-
-
-def neighbour_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """COMPLETE learning-rate neighbours of a baseline study, smallest learning rate first."""
-    done = [r for r in to_records(trials, "", baseline=True) if r.complete and r.neighbour]
-    by_number = {t.number: t for t in trials}
-    ordered = sorted(done, key=lambda r: (r.lr_factor or 1.0, r.number))
-    return [by_number[r.number] for r in ordered]
 
 
 def count_states(trials: Iterable[FrozenTrial]) -> Counter[str]:

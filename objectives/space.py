@@ -1,20 +1,7 @@
 """The search space: which `TrainConfig` fields a trial samples, and over what.
 
-The default space samples what decides LoRA's cost and quality: `lora_r` 4..64 (log),
-`learning_rate` 5e-5..5e-3 (log) and `lr_scheduler` in {linear, cosine, constant}. `extended`
-adds the other LoRA and optimiser knobs.
-A TOML file overrides parameters by name, one table each, with either bounds or choices::
-
-    [lora_r]
-    low = 8
-    high = 32
-    log = true          # optional, default false
-
-    [lr_scheduler]
-    choices = ["linear", "cosine"]
-
-Parameters named in the file replace the default space's definitions of them; the rest keep
-theirs. With ``extends = "extended"`` at the top of the file, the file overrides the extended space.
+`default` and `extended` are built in; a TOML file overrides parameters by name, one table each
+with bounds or choices, on top of either (the format: docs/methodology.md, "Search space").
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
 """The training loop: AdamW, a transformers LR schedule, autocast, clipping, per-epoch validation.
 
 It knows nothing of Optuna: the caller passes `on_epoch_end`, which may raise to stop the run
-(a pruner does). One optimizer step is `_step`: forward, loss, backward, clip, step. Devices and
-precision live in `objectives.device`, length-bucketed batches in `objectives.batching`, the
-forward pass and the metrics of a split in `objectives.evaluation`.
-
-What a step computes is the model's function; how it computes it is cheaper where it can be:
-- BERT classifiers run through `objectives.fastbert`: no work on pad tokens on CPUs (packed
-  tokens), the last layer only for [CLS], LoRA updates fused into one matmul, and on CPUs
-  dropout masks from a seeded NumPy generator;
-- full fine-tuning on a CPU trains only the word-embedding rows the data uses and decays the
-  others lazily (`objectives.embedding_rows`), which is what dense AdamW does to them;
-- on CUDA, each bucket's forward and backward are replayed from a CUDA graph
-  (`objectives.graphs`), with an eager fallback wherever graphs do not apply.
+(a pruner does). One optimizer step is `_step`: forward, loss, backward, clip, step. The
+speed-ups it uses compute the same function more cheaply: `objectives.fastbert`,
+`objectives.embedding_rows` and, on CUDA, `objectives.graphs`.
 """
 
 from __future__ import annotations
@@ -111,24 +102,12 @@ class TrainResult:
     def setup_time_s(self) -> float:
         return self.setup.setup_time_s
 
-    @property
-    def wait_time_s(self) -> float:
-        """What a user waits for the training: setup and the epochs (evaluation excluded)."""
-        return self.setup.setup_time_s + self.train_time_s
-
 
 def make_optimizer(
-    model: nn.Module,
-    cfg: TrainConfig,
-    device: torch.device,
-    params: list[nn.Parameter] | None = None,
+    params: list[nn.Parameter], cfg: TrainConfig, device: torch.device
 ) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases and LayerNorm weights (as the HF Trainer does).
-
-    `params` replaces the model's trainable parameters (see `used_rows`).
-    """
-    if params is None:
-        params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW over the trained `params` with no weight decay on biases and LayerNorm weights (as
+    the HF Trainer does)."""
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -263,7 +242,7 @@ def _set_up(
     if vocab is not None:
         parts = replace(parts, word_lookup=vocab.lookup)
         trainable = [p for p in trainable if p is not vocab.weight] + [vocab.compact]
-    optimizer = make_optimizer(model, cfg, device, trainable)
+    optimizer = make_optimizer(trainable, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
     forward = make_forward(model, device, training_dropout(device, cfg.seed), parts)
     sync_device(device)

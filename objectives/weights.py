@@ -1,15 +1,10 @@
 """A trained model's weights on disk: save, reload onto the base model, archive, export.
 
-A LoRA run keeps only what it trained: peft's adapter, which also holds the classifier head
-(`modules_to_save`) and the biases of the adapted layers (`bias="lora_only"`), megabytes instead
-of the whole model. A full fine-tuning run keeps the whole model. Beside the weights,
-`weights.json` records what reloading needs and what the numbers depend on: the base model, the
-label names (id = position), the tokenizer's max length and the precision of the run.
-
-A folder is archived to one tar file (the unit Optuna's artifact store holds) and unpacked with
-tarfile's `data` filter, so an archive cannot write outside its folder. Folders meant for users
-(evaluations, exports) are written to a temporary sibling and renamed when complete
-(`atomic_folder`): an error or an interrupt never leaves a half-written folder behind.
+A LoRA run keeps only what it trained (peft's adapter, with the classifier head and the adapted
+layers' biases), a full fine-tuning run the whole model; `weights.json` beside them records what
+reloading needs (`WeightsInfo`). Archives are unpacked with tarfile's `data` filter, so one
+cannot write outside its folder; folders meant for users are written whole or not at all
+(`atomic_folder`).
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""The best LoRA trial against the full fine-tuning baseline, computed once from the trials.
-
-`compare(records, ...)` gives one `Comparison`: the two trials, the gaps in validation and test
-F1, the share of weights each trains, the ratio of the time a user waits for each, the pruning
-savings, the most important parameter, the Pareto fronts, and the checks that say how far to
-trust the difference (is the baseline fair? is the difference real on this test set?). The
-report (`findings_lines` and the checks), the dashboard note (`note_lines` and the checks) and
-the terminal (the checks) word that one result: a new check is one more `Check` made in
-`compare`, and all three show it.
+"""The best LoRA trial against the full fine-tuning baseline, computed once from the trials
+(`compare`), and its wordings: `findings_lines` for the report, `note_lines` for the dashboard
+note. A check is one more `Check` made in `compare`; the report, the note and the terminal show
+every one (docs/ARCHITECTURE.md, "reports/").
 """
 
 from __future__ import annotations

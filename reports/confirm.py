@@ -1,13 +1,6 @@
-"""Seed repeats of the best configurations (`python -m study confirm`): means, intervals, verdict.
-
-Pure functions over the `<NAME>-confirm` study's trials. Runs are grouped by their source trial;
-each group gives, over its seeds, the mean and a 95% t interval (mean +/- t(0.975, n-1) * s/sqrt(n))
-of validation and test macro-F1 and of training time. The best LoRA configuration is the group
-with the highest mean validation F1 (test F1 never chooses). It is compared with the baseline by
-Welch's t interval for the difference of mean test macro-F1 (unequal variances, Welch-Satterthwaite
-degrees of freedom): the two are called distinguishable when that 95% interval excludes zero.
-A seed interval covers training noise (initialisation, dropout, batch order) on fixed data
-splits; it does not cover the sampling noise of the test set itself.
+"""Seed repeats of the best configurations (`python -m study confirm`): means, 95% t intervals
+and the verdict of the best LoRA configuration against the baseline by Welch's t interval
+(docs/methodology.md, "Seed repeats"). Pure functions over the `<NAME>-confirm` study's trials.
 """
 
 from __future__ import annotations
@@ -38,7 +31,7 @@ class Interval:
         return None if self.high is None else self.high - self.mean
 
 
-def t_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
+def t_interval(values: Sequence[float]) -> Interval:
     """Mean and the two-sided t interval of the mean (scipy's one-sample t test)."""
     if not values:
         raise ValueError("no values")
@@ -47,11 +40,11 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
         return Interval(mean, None, None, n)
     if statistics.stdev(values) == 0.0:  # scipy's interval is NaN without spread
         return Interval(mean, mean, mean, n)
-    ci = stats.ttest_1samp(values, 0.0).confidence_interval(level)
+    ci = stats.ttest_1samp(values, 0.0).confidence_interval(LEVEL)
     return Interval(mean, float(ci.low), float(ci.high), n)
 
 
-def welch_interval(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> Interval:
+def welch_interval(a: Sequence[float], b: Sequence[float]) -> Interval:
     """Mean of a minus mean of b, with Welch's t interval (None bounds: too few values)."""
     diff = statistics.fmean(a) - statistics.fmean(b)
     n = min(len(a), len(b))
@@ -59,7 +52,7 @@ def welch_interval(a: Sequence[float], b: Sequence[float], level: float = LEVEL)
         return Interval(diff, None, None, n)
     if statistics.variance(a) == 0.0 and statistics.variance(b) == 0.0:
         return Interval(diff, diff, diff, n)  # scipy's interval is NaN without spread
-    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(LEVEL)
     return Interval(diff, float(ci.low), float(ci.high), n)
 
 

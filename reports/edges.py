@@ -41,20 +41,18 @@ def _position(spec: ParamSpec, value: float) -> float:
     return 0.5 if high == low else (scale(value) - low) / (high - low)
 
 
-def space_edges(
-    records: Iterable[TrialRecord], space: Space, top_n: int = TOP_N, share: float = EDGE_SHARE
-) -> list[SpaceEdge]:
+def space_edges(records: Iterable[TrialRecord], space: Space) -> list[SpaceEdge]:
     """The numeric parameters of `space` whose best LoRA trial, or more than half of the
-    `top_n` best, lie in the outer `share` of the range; baseline trials are not looked at."""
-    best = [r for r in ranked(r for r in records if not r.baseline)][:top_n]
+    `TOP_N` best, lie in the outer `EDGE_SHARE` of the range; baseline trials are not looked at."""
+    best = ranked(r for r in records if not r.baseline)[:TOP_N]
     edges = []
     for spec in space.params:
         if spec.choices is not None or not best or spec.name not in best[0].params:
             continue
         positions = [_position(spec, r.params[spec.name]) for r in best if spec.name in r.params]
         for side, bound, at_edge in (
-            ("low", spec.low, lambda p: p <= share),
-            ("high", spec.high, lambda p: p >= 1 - share),
+            ("low", spec.low, lambda p: p <= EDGE_SHARE),
+            ("high", spec.high, lambda p: p >= 1 - EDGE_SHARE),
         ):
             count = sum(1 for p in positions if at_edge(p))
             best_at_edge = at_edge(positions[0])

@@ -1,10 +1,9 @@
 """The report's figures, each defined once as a plotly figure: index.html shows it, `reports.png`
-draws its PNG from it, and optuna-dashboard stores `pareto_figure`.
+draws its PNG from it, and optuna-dashboard stores the Pareto figures.
 
-Every builder is a pure function of trial records or computed tables and returns a
-`plotly.graph_objects.Figure`; nothing is written here. Optuna's own plots
-(`optuna.visualization`) draw one study's COMPLETE trials; these put the pruned trials, the Pareto
-front and the full fine-tuning baseline beside them, which is the comparison the study is for.
+Optuna's own plots (`optuna.visualization`) draw one study's COMPLETE trials; these put the
+pruned trials, the Pareto front and the full fine-tuning baseline beside them, which is the
+comparison the study is for.
 """
 
 from __future__ import annotations
@@ -68,9 +67,10 @@ def hover_text(record: TrialRecord) -> str:
     return "<br>".join(lines)
 
 
-def _points(records: Sequence[TrialRecord], cost: CostKey, **trace: object) -> go.Scatter:
+def _points(records: Sequence[TrialRecord], x: Sequence[Any], **trace: object) -> go.Scatter:
+    """Each record's validation F1 against `x`, with its hover label."""
     return go.Scatter(
-        x=[cost_of(r, cost) for r in records],
+        x=list(x),
         y=[r.val_f1 for r in records],
         text=[hover_text(r) for r in records],
         hovertemplate="%{text}<extra></extra>",
@@ -172,7 +172,7 @@ def pareto_figure_from_records(records: Sequence[TrialRecord], cost: CostKey) ->
         return _empty(fig, f"No COMPLETE trial with a validation F1 and {cost} yet.")
     for name, group in groups.items():
         if group:
-            fig.add_trace(_points(group, cost, **PARETO_STYLES[name]))
+            fig.add_trace(_points(group, [cost_of(r, cost) for r in group], **PARETO_STYLES[name]))
     _baseline_line(fig, best_record(records, baseline=True))
     return fig
 
@@ -239,17 +239,8 @@ def history_figure(records: Sequence[TrialRecord]) -> go.Figure:
         (complete, "COMPLETE trials", {"color": COLORS["trial"], "size": 9}),
     ):
         if group:
-            fig.add_trace(
-                go.Scatter(
-                    x=[r.number for r in group],
-                    y=[r.val_f1 for r in group],
-                    mode="markers",
-                    name=name,
-                    marker=marker,
-                    text=[hover_text(r) for r in group],
-                    hovertemplate="%{text}<extra></extra>",
-                )
-            )
+            x = [r.number for r in group]
+            fig.add_trace(_points(group, x, mode="markers", name=name, marker=marker))
     running = best_so_far(records)
     if running:
         fig.add_trace(

@@ -1,15 +1,12 @@
 """Hyperparameter importance for validation F1 with fANOVA and PED-ANOVA (`optuna.importance`).
 
-Direction matters for PED-ANOVA, which compares the parameter distribution of the best trials
-with that of all trials: ranking by the *worst* trials answers a different question. The installed
-Optuna reads the study direction only when no `target` is given, and with a `target` it assumes
-lower is better. So the evaluators run on a private in-memory study of the COMPLETE trials, and
-PED-ANOVA gets the documented "lower is better" target `-F1`; fANOVA (a variance decomposition, so
-sign-free) gets F1 itself. The tests check that a parameter that drives F1 up is ranked first.
+PED-ANOVA compares the best trials with all trials, so direction matters: the installed Optuna
+reads the study direction only when no `target` is given, and with a `target` it assumes lower
+is better. So the evaluators run on a private in-memory study of the COMPLETE trials, PED-ANOVA
+gets the target `-F1` and fANOVA (a variance decomposition, sign-free) F1 itself.
 
 Too few trials give importances that are noise (Optuna returns zeros, which `normalize=True` would
-turn into misleading equal shares), so below a minimum number of COMPLETE trials an evaluator is
-skipped with a note instead.
+turn into misleading equal shares), so below `MIN_TRIALS` an evaluator is skipped with a note.
 """
 
 from __future__ import annotations
@@ -33,6 +30,7 @@ PED_ANOVA = "PED-ANOVA"
 # Fewest COMPLETE trials for a ranking worth printing. PED-ANOVA looks at the top quantile only,
 # and its authors advise at least 5 trials there; with the quantile capped at 0.5 that takes 10.
 MIN_TRIALS: Mapping[str, int] = {FANOVA: 5, PED_ANOVA: 10}
+FANOVA_SEED = 0  # fANOVA's random forest: a report gives the same ranking every time
 PED_ANOVA_TOP_TRIALS = 5  # aim for this many trials in PED-ANOVA's top quantile
 PED_ANOVA_QUANTILE_RANGE = (0.1, 0.5)  # Optuna's default quantile, and at most half the trials
 
@@ -121,7 +119,7 @@ def _run(
     return {name: (float(value / total) if total > 0 else 0.0) for name, value in raw.items()}
 
 
-def param_importances(trials: Sequence[FrozenTrial], *, seed: int = 0) -> ImportanceResult:
+def param_importances(trials: Sequence[FrozenTrial]) -> ImportanceResult:
     """Importance of each sampled parameter for validation F1 (maximised), per evaluator.
 
     `trials` are the LoRA study's trials of any state; only COMPLETE ones with a finite value are
@@ -141,7 +139,7 @@ def param_importances(trials: Sequence[FrozenTrial], *, seed: int = 0) -> Import
         return ImportanceResult(notes=notes, n_trials=n)
 
     evaluators = {
-        FANOVA: (lambda: FanovaImportanceEvaluator(seed=seed), _f1),
+        FANOVA: (lambda: FanovaImportanceEvaluator(seed=FANOVA_SEED), _f1),
         PED_ANOVA: (
             lambda: PedAnovaImportanceEvaluator(target_quantile=ped_anova_quantile(n)),
             _negated_f1,

@@ -1,13 +1,8 @@
 """PNG files of the report's figures: each plotly figure of `reports.figures`, drawn by matplotlib.
 
-The PNG is read off the same figure object the interactive page shows (its traces, colours,
-symbols, axes and baseline line), so the two cannot drift apart. What those figures use is
-translated, nothing more: markers and lines (step lines, dashes, gaps), grouped horizontal bars,
-a heatmap, horizontal reference lines with their labels, and text notes.
-
-Figures are built with `matplotlib.figure.Figure` and saved through its Agg canvas, never through
-`pyplot`: no global backend is switched and no figure is left open, so reports can be written
-from a headless worker or a test without a display.
+The PNG is read off the same figure object the interactive page shows, so the two cannot drift
+apart; only what those figures use is translated. Figures are saved through matplotlib's Agg
+canvas, never through `pyplot`: no global backend is switched and no figure is left open.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""Writing the report files: CSV tables, REPORT.md and the self-contained index.html.
-
-Only formatting lives here; every number comes from `reports.tables`, `reports.comparison` and
-`reports.importance`.
-index.html inlines plotly.js once in <head> and each figure as a <div> plus an inline script, so
-the page loads no script, style or font from the network and works from a file:// URL offline.
+"""Writing the report files: CSV tables, REPORT.md and the self-contained index.html (plotly.js
+inlined once, so the page works from a file:// URL offline). Only formatting lives here.
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
-"""Is the baseline fair? The fixed full fine-tuning run against its learning-rate neighbours.
+"""Is the baseline fair? The fixed full fine-tuning run against its learning-rate neighbours
+(`baseline --sensitivity`): does one of them beat the fixed run by more than training noise?
 
-The baseline is fixed on purpose (the reference runs' settings), but a fixed learning rate can be
-far from what a given model needs: on MiniLM with 2,000 examples full fine-tuning at the fixed
-1e-4 reached test macro-F1 0.53 where 3e-4 reached 0.78, and every LoRA trial then "beat" an
-untuned yardstick. `baseline --sensitivity` trains the fixed configuration also at lr / 3 and
-lr x 3; this module says whether one of those beats the fixed run by more than training noise.
-
-Training noise, when it can be shown, is that of the baseline's seed repeats from `confirm`:
-with s the standard deviation of the fixed configuration's validation F1 over n >= 2 seeds, two
-single runs of one configuration differ by less than t(0.975, n - 1) * s * sqrt(2) in 95% of
-cases, so a neighbour ahead by more than that is better, not luckier. Without seed repeats the
-noise is unknown and one F1 point (0.01) is the margin used, and the report says so.
-Comparisons use validation F1 (the test split chooses nothing); test F1 is shown beside it.
+The noise margin comes from `confirm`'s seed repeats of the baseline when there are any, else
+one F1 point (docs/methodology.md, "Is the baseline fair?"). Validation F1 decides; test F1 is
+shown beside it.
 """
 
 from __future__ import annotations

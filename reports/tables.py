@@ -1,23 +1,11 @@
-"""Pure report maths over `TrialRecord`s: the summary table, Pareto fronts and pruning savings
-(`reports.comparison` sets the best LoRA trial against the baseline). Nothing here reads storage
-or writes files.
+"""Pure report maths over `TrialRecord`s: the summary table, Pareto fronts and pruning savings.
+Nothing here reads storage or writes files.
 
-Pareto fronts (F1 against a cost)
----------------------------------
-Candidates are the COMPLETE trials of the LoRA study and of the baseline study that have a finite
-validation F1 and a finite cost (trainable parameters, or training seconds). PRUNED, FAIL and
-RUNNING trials never enter a front: their F1 is that of an unfinished run.
-
-Point `a` dominates point `b` when `a` is at least as good on both axes and strictly better on at
-least one (higher or equal F1 *and* lower or equal cost, not both equal). The front is every
-candidate that no other candidate dominates. Consequences for ties, chosen deliberately:
-
-* Equal points (same F1 and same cost, e.g. two trials that landed on the same setting) do not
-  dominate each other, so all of them are kept: each is a setting a user may pick.
-* Weakly dominated points are dropped: the same F1 at a higher cost, or a lower F1 at the same
-  cost, is never worth choosing.
-
-Front rows are ordered by cost ascending, then F1 descending, then study and trial number.
+A Pareto front (maximise validation F1, minimise a cost) is every candidate no other candidate
+dominates; `a` dominates `b` when it is no worse on both axes and strictly better on one. So
+equal points are all kept (each is a setting a user may pick) and weakly dominated points (the
+same F1 at a higher cost, a lower F1 at the same cost) are dropped. Front rows are ordered by
+cost ascending, then F1 descending, then study and trial number.
 """
 
 from __future__ import annotations

@@ -1,21 +1,9 @@
 """Is a difference on the test set bigger than the test set's own sampling noise?
 
-`confirm` repeats training with other seeds: that covers training noise on fixed data. This
-module covers the other noise: the test split is one sample of queries (3,080 for Banking77),
-and another sample would rank two fixed models a little differently. Two paired comparisons over
-the same test examples, from the per-example predictions COMPLETE trials keep:
-
-- a paired bootstrap of the difference in test macro-F1: resample the test examples with
-  replacement (the same examples for both models), recompute both macro-F1s, take the 2.5th and
-  97.5th percentiles of the differences (scipy's `bootstrap(..., paired=True,
-  method="percentile")`, seeded);
-- McNemar's exact test on the examples where the two disagree on being right: with b examples
-  only model A gets right and c only model B, the two-sided binomial p-value of b out of b + c
-  at one half (the question "do they get equally many right?", i.e. accuracy).
-
-The verdict says "distinguishable" only when both agree: the F1 interval excludes zero and
-McNemar's p is below 0.05; "not distinguishable" when neither finds a difference; "mixed"
-otherwise (macro-F1 weighs rare intents more than accuracy does, so the two can disagree).
+`confirm` covers training noise; this module covers the noise of the test split, one sample of
+queries, by two paired comparisons over the same test examples: a paired percentile bootstrap of
+the difference in test macro-F1 and McNemar's exact test (method and verdicts:
+docs/methodology.md, "Is the difference real on this test set?").
 """
 
 from __future__ import annotations
@@ -67,7 +55,6 @@ def bootstrap_f1_difference(
     pred_b: np.ndarray,
     num_labels: int,
     n_resamples: int = N_RESAMPLES,
-    seed: int = SEED,
 ) -> tuple[float, float]:
     """Paired percentile bootstrap 95% interval of macro-F1(a) - macro-F1(b)."""
 
@@ -84,7 +71,7 @@ def bootstrap_f1_difference(
         batch=500,  # 500 x 3,080 examples x 3 arrays at a time: tens of MB
         method="percentile",
         confidence_level=LEVEL,
-        rng=np.random.default_rng(seed),
+        rng=np.random.default_rng(SEED),
     )
     ci = result.confidence_interval
     return float(ci.low), float(ci.high)

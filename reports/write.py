@@ -1,11 +1,8 @@
 """`write_reports`: every report file for a LoRA study and its full fine-tuning baseline.
 
-Reads the trials once, sets the best LoRA trial against the baseline (`reports.comparison`),
-computes the tables (`reports.tables`, `reports.importance`, `reports.perclass`), then writes CSV,
-PNG, REPORT.md and index.html into one folder. A study that is still running, has no COMPLETE
-trial, or too few trials for importance still gets a full set of files, with notes saying what
-is missing and why. `write_tables` writes the CSV tables alone, without plotly or matplotlib
-(device-check uses it on machines that have neither).
+A study that is still running, has no COMPLETE trial, or too few trials for importance still
+gets a full set of files, with notes saying what is missing and why. `write_tables` writes the
+CSV tables alone, without plotly or matplotlib.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ from objectives.space import stored_space
 from reports.comparison import Comparison, compare, findings_lines, timing_notes
 from reports.confirm import (
     CONFIRM_COLUMNS,
-    ConfirmedConfig,
     confirm_rows,
     confirmed_configs,
     verdict,
@@ -241,16 +237,6 @@ CONFIRM_METHOD = (
 )
 
 
-def _confirmation(configs: Sequence[ConfirmedConfig], study_name: str) -> Check:
-    return Check(
-        f"Confirmation: seed repeats ({study_name})",
-        "confirmation",
-        [verdict(configs).text, CONFIRM_METHOD],
-        list(CONFIRM_COLUMNS),
-        confirm_rows(configs),
-    )
-
-
 def write_tables(
     out: Path, records: Sequence[TrialRecord], fronts: dict[CostKey, list[TrialRecord]]
 ) -> tuple[list[Path], dict[str, tuple[list[str], list[dict[str, Any]]]]]:
@@ -287,10 +273,6 @@ def study_records(study: optuna.Study, baseline: optuna.Study | None) -> list[Tr
     return records
 
 
-def _trials_by_key(*studies: optuna.Study | None) -> dict[tuple[str, int], FrozenTrial]:
-    return {(s.study_name, t.number): t for s in studies if s is not None for t in s.get_trials()}
-
-
 def _write_checks(
     out: Path, comparison: Comparison, confirm: optuna.Study | None, confirm_trials: list
 ) -> tuple[list[Check], list[Path]]:
@@ -302,8 +284,12 @@ def _write_checks(
     if confirm is None:
         (out / "confirm.csv").unlink(missing_ok=True)
         return checks, written
-    checks.append(_confirmation(confirmed_configs(confirm_trials), confirm.study_name))
-    written.append(write_csv(out / "confirm.csv", checks[-1].columns, checks[-1].rows))
+    configs = confirmed_configs(confirm_trials)
+    rows = confirm_rows(configs)
+    lines = [verdict(configs).text, CONFIRM_METHOD]
+    title = f"Confirmation: seed repeats ({confirm.study_name})"
+    checks.append(Check(title, "confirmation", lines, list(CONFIRM_COLUMNS), rows))
+    written.append(write_csv(out / "confirm.csv", CONFIRM_COLUMNS, rows))
     return checks, written
 
 
@@ -325,10 +311,8 @@ def write_reports(
     out_dir: Path | str,
     confirm: optuna.Study | None = None,
 ) -> list[Path]:
-    """Write summary.csv, pareto_params.csv, pareto_time.csv, importance.csv, the PNG plots,
-    index.html and REPORT.md for `study` (and its full fine-tuning `baseline`, if any) into
-    `out_dir`, created if needed; with the `confirm` study of seed repeats also confirm.csv and
-    a confirmation section. Returns the paths written."""
+    """Every report file for `study` and its `baseline` (if any) into `out_dir`, created if
+    needed; with the `confirm` study also confirm.csv and its section. The paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = study_records(study, baseline)
@@ -352,7 +336,8 @@ def write_reports(
     written.extend(check_files)
     notes.extend(timing_notes(records, comparison))
     sections = _overview_sections(records, importance)
-    sections += _per_class_sections(comparison, _trials_by_key(study, baseline), notes)
+    trials = {(s.study_name, t.number): t for s in (study, baseline) if s for t in s.get_trials()}
+    sections += _per_class_sections(comparison, trials, notes)
     written.extend(_write_pngs(out, sections))
     names = param_names(records)
     content = ReportContent(

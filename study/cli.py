@@ -473,6 +473,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     _settle(args)
     parse_trial_ref(args.trial)
     from study.evaluate import evaluate_trial
+    from study.terminal import cell
 
     folder, doc = evaluate_trial(
         args.storage,
@@ -487,15 +488,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     stored = doc["stored"]
     print(
         f"{doc['study']} trial {doc['trial']} on {doc['split']} ({doc['examples']} examples, "
-        f"{doc['device']}): macro-F1 {doc['macro_f1']:.4f} (stored {_num(stored['macro_f1'])}), "
-        f"accuracy {doc['accuracy']:.4f} (stored {_num(stored['accuracy'])})"
+        f"{doc['device']}): macro-F1 {doc['macro_f1']:.4f} "
+        f"(stored {cell(stored['macro_f1'], '.4f')}), "
+        f"accuracy {doc['accuracy']:.4f} (stored {cell(stored['accuracy'], '.4f')})"
     )
     print(f"wrote {folder}")
     return 0
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 def _export(args: argparse.Namespace) -> int:

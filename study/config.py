@@ -80,10 +80,6 @@ class StudyConfig:
         return self.study_name + BASELINE_SUFFIX
 
     @property
-    def sampler_base_seed(self) -> int:
-        return self.seed if self.sampler_seed is None else self.sampler_seed
-
-    @property
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(self.heartbeat_interval, self.grace_period, self.db_outage_grace)
 
@@ -192,6 +188,6 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     return cfg
 
 
-def make_config(cli: dict[str, Any], file_values: dict[str, Any] | None = None) -> StudyConfig:
-    """Defaults, the config file and the given flags (no study recipe: see `study.cli`)."""
-    return validate(replace(StudyConfig(), **given_values(cli, file_values)))
+def make_config(cli: dict[str, Any]) -> StudyConfig:
+    """Defaults and the given flags (no config file, no study recipe: see `study.cli`)."""
+    return validate(replace(StudyConfig(), **given_values(cli)))

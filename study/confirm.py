@@ -1,16 +1,9 @@
-"""`python -m study confirm`: re-train the best LoRA trials and the baseline with several seeds.
+"""`python -m study confirm`: re-train the best LoRA trials and the baseline with several seeds,
+as trials of the study `<NAME>-confirm` (docs/methodology.md, "Seed repeats").
 
-A study ranks trials by single runs, and the ranking's top is partly luck: the seed that picked
-the winner also flattered it. `confirm` takes the K best COMPLETE LoRA trials of a study (by
-validation F1, never test F1) and the COMPLETE baseline, and trains each configuration again with
-S fresh seeds (`--seed` + 1 ... `--seed` + S, the same seeds for every configuration). The runs
-are trials of the study `<NAME>-confirm` in the same storage; each records its source study and
-trial number and its seed (`source_study`, `source_trial`, `seed`), plus the usual attributes.
-
-Runs are queued as WAITING trials first, so an interrupted `confirm` resumes where it stopped: a
-rerun queues only the runs that are neither COMPLETE nor queued nor running, and a run whose
-worker died is failed by the heartbeat and queued again (as in `optimize`). The statistics over
-the seeds are in `reports.confirm`; `report` shows them.
+Runs are queued as WAITING trials first, so an interrupted `confirm` resumes where it stopped
+and a run whose worker died is failed by the heartbeat and queued again. The statistics over
+the seeds are in `reports.confirm`.
 """
 
 from __future__ import annotations
@@ -20,14 +13,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from objectives.config import TrainConfig, run_config
 from objectives.objective import TRIAL_FAILURES, RunContext, run_trial
 from objectives.record import Attr, TrialRecord, best_trials
 from storage import get_storage
 from study.config import CONFIRM_SUFFIX, ConfigError, StudyConfig
-from study.prepare import Prepared, prepare_run
+from study.prepare import prepare_run
 from study.quota import optimize_quota
 from study.runner import check_identity, open_study, study_identity
 from study.studies import load_studies
@@ -80,11 +73,6 @@ class Job:
             return None
 
 
-def _epochs(trial: FrozenTrial, fallback: int) -> int:
-    epochs = TrialRecord.from_trial(trial, "").max_epochs
-    return fallback if epochs is None else epochs
-
-
 def plan_jobs(
     lora: optuna.Study, baseline: optuna.Study, top: int, seeds: list[int], epochs: int | None
 ) -> list[Job]:
@@ -104,7 +92,8 @@ def plan_jobs(
     jobs = []
     for study, trials, mode in ((lora, chosen, "lora"), (baseline, base, "full")):
         for t in trials:
-            n_epochs = epochs or _epochs(t, TrainConfig().epochs)
+            budget = TrialRecord.from_trial(t, "").max_epochs
+            n_epochs = epochs or (TrainConfig().epochs if budget is None else budget)
             for seed in seeds:
                 jobs.append(Job(study.study_name, t.number, mode, dict(t.params), n_epochs, seed))
     return jobs
@@ -151,7 +140,7 @@ def queue_jobs(study: optuna.Study, jobs: list[Job]) -> int:
 
 
 def run_confirm(
-    cfg: StudyConfig, top: int, n_seeds: int, epochs: int | None, prep: Prepared | None = None
+    cfg: StudyConfig, top: int, n_seeds: int, epochs: int | None
 ) -> tuple[optuna.Study, list[Job]]:
     """The `confirm` command: queue the runs, then train every queued one. `top`, `n_seeds`
     and `epochs` are checked with the other flags (`study.config.check_confirm_counts`)."""
@@ -159,7 +148,7 @@ def run_confirm(
     lora, baseline = load_studies(storage, cfg.study_name)
     if baseline is None:
         raise ConfigError(f"no baseline study {cfg.baseline_name!r} in this storage")
-    prep = prep or prepare_run(cfg, need_space=False)
+    prep = prepare_run(cfg, need_space=False)
     identity = study_identity(cfg, prep, with_space=False)
     check_identity(cfg.study_name, lora, identity)  # same model and data, or refuse
     seeds = [cfg.seed + 1 + i for i in range(n_seeds)]

@@ -1,13 +1,9 @@
-"""The `dashboard` command: serve optuna-dashboard for a storage, on 127.0.0.1 by default.
+"""The `dashboard` command: serve optuna-dashboard for a storage, on 127.0.0.1 by default
+(docs/operations.md, "Dashboard security").
 
-optuna-dashboard (the library, unchanged) provides the WSGI app; this module runs it under a
-threaded `wsgiref` server that it owns, so the command can print the real URL once the port is
-bound and stop cleanly on Ctrl-C or SIGTERM (exit code 0: stopping is how a dashboard ends).
-
-optuna-dashboard has no authentication and its UI can rename, edit and delete studies, so the
-server binds 127.0.0.1 unless `--host` names another address, and then it says so loudly.
-The storage is opened as a reader (no heartbeat, no new SQLite file); SQLite files are in WAL
-mode (see `storage`), so the dashboard's polling does not block a running `optimize`.
+optuna-dashboard provides the WSGI app; this module runs it under a threaded `wsgiref` server
+that it owns, so the command can print the real URL once the port is bound and stop cleanly on
+Ctrl-C or SIGTERM (exit code 0: stopping is how a dashboard ends).
 """
 
 from __future__ import annotations

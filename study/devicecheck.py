@@ -1,28 +1,10 @@
 """`python -m study device-check`: one command that checks a GPU machine end to end.
 
-On the accelerator it finds (or `--device`), offline, it runs three phases and prints one JSON
-line with every figure:
-
-1. a short real study (`study.runner`): MiniLM on the full Banking77 training split, the default
-   space, TPE and Hyperband, with its full fine-tuning baseline and the report's tables (and
-   figures where plotly and matplotlib are installed). After the baseline and after every trial
-   it reads the device memory, which must come back to within `MEMORY_MARGIN_MB` of where it
-   started, and every trial records whether its steps replayed CUDA graphs or ran eagerly, and
-   why;
-2. `bench` full fine-tuning (batch 32) and LoRA (batch 64) against the Hugging Face Trainer, on a
-   randomly initialised `bert-base-uncased` architecture with MiniLM's uncased BERT vocabulary:
-   speed does not depend on the weights, and no Hub is needed;
-3. `bench --workers 1 2 4`, all on one GPU, on the same model.
-
-The study goes first, so that a machine that runs out of time has the memory and graph checks;
-the JSON so far is written to `--out`/device-check.json after every phase. On CUDA the verdict
-fails when a phase fails, a trial fails, the memory does not come back, every trial fell back to
-eager steps, or a speed target (`TARGETS`, for one H100/H200) is missed. Elsewhere the verdict
-says which of these it could not judge.
-
-Without an accelerator (or with `--tiny`) it runs a tiny version of the same plan, a 2-layer
-random BERT with the same tokenizer on a few training examples per intent: every phase runs,
-nothing is fast. It needs neither plotly, matplotlib, optuna-dashboard nor datasets.
+What it adds to the study's own pieces: a plan (`FULL` on an accelerator, `TINY` elsewhere or
+with `--tiny`), a probe of the device memory after every trial, the verdict (speed `TARGETS`,
+CUDA graphs, memory) and one JSON line, also written to `--out` after every phase so that a
+machine that runs out of time keeps what it measured. The phases and what they run are in
+docs/development.md ("Checking a GPU machine").
 """
 
 from __future__ import annotations
@@ -348,10 +330,11 @@ def write_study_report(study: Any, baseline: Any, folder: Path, storage_url: str
     folder.mkdir(parents=True, exist_ok=True)
     records = study_records(study, baseline)
     fronts = {cost: pareto_front(records, cost) for cost in COST_KEYS}
-    written, _ = write_tables(folder, records, fronts)
     drawn = missing_package(("plotly", "matplotlib")) is None
     if drawn:
-        written += write_reports(study, baseline, folder)
+        written = write_reports(study, baseline, folder)
+    else:
+        written, _ = write_tables(folder, records, fronts)
     c = compare(records)
     later = f"python -m study report --storage {storage_url} --study-name {STUDY_NAME} --out DIR"
     return {
@@ -365,43 +348,44 @@ def write_study_report(study: Any, baseline: Any, folder: Path, storage_url: str
     }
 
 
+def _bench_config(
+    model: Path, data_dir: Path, device: torch.device, mode: str, samples: int | None
+):
+    from study.bench.config import BenchConfig
+
+    return BenchConfig(
+        model=str(model),
+        data_dir=str(data_dir),
+        mode=mode,
+        device=str(device),
+        max_train_samples=samples,
+    )  # one epoch per run
+
+
+def _timed(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    return {**run(), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
 def run_benches(model: Path, data_dir: Path, device: torch.device, plan: Plan) -> dict:
     """`bench` full fine-tuning and LoRA, one epoch per run."""
-    from study.bench.config import BenchConfig, validate_bench
+    from study.bench.config import validate_bench
     from study.bench.loops import run_bench
 
     out = {}
     for mode in ("full", "lora"):
-        cfg = BenchConfig(
-            model=str(model),
-            data_dir=str(data_dir),
-            mode=mode,
-            device=str(device),
-            max_train_samples=plan.bench_train_samples,
-            repeats=plan.bench_repeats,
-            warmup=plan.bench_warmup,
-        )  # one epoch per run
-        t0 = time.perf_counter()
-        out[mode] = run_bench(validate_bench(cfg), log).summary()
-        out[mode]["wall_s"] = round(time.perf_counter() - t0, 1)
+        cfg = _bench_config(model, data_dir, device, mode, plan.bench_train_samples)
+        cfg = replace(cfg, repeats=plan.bench_repeats, warmup=plan.bench_warmup)
+        out[mode] = _timed(lambda cfg=cfg: run_bench(validate_bench(cfg), log).summary())
     return out
 
 
 def run_workers_bench_phase(model: Path, data_dir: Path, device: torch.device, plan: Plan) -> dict:
     """`bench --workers`, LoRA trials of one epoch, every worker on `device`."""
-    from study.bench.config import BenchConfig
     from study.bench.workers import run_workers_bench
 
-    cfg = BenchConfig(
-        model=str(model),
-        data_dir=str(data_dir),
-        mode="lora",
-        device=str(device),
-        max_train_samples=plan.workers_train_samples,
-    )
-    t0 = time.perf_counter()
-    summary = run_workers_bench(cfg, list(plan.workers), plan.workers_trials, log)
-    return {**summary, "wall_s": round(time.perf_counter() - t0, 1)}
+    cfg = _bench_config(model, data_dir, device, "lora", plan.workers_train_samples)
+    return _timed(lambda: run_workers_bench(cfg, list(plan.workers), plan.workers_trials, log))
 
 
 # ----------------------------------------------------------------------------- verdict
@@ -507,6 +491,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="device-check-") as tmp:
         work = Path(tmp)
         phase("environment", lambda: environment(device, plan))
+        # The study first: a machine that runs out of time has the memory and graph checks.
         bert = write_random_bert(minilm, work / ("bert-tiny" if tiny else "bert-base"), tiny)
         study_model = bert if tiny else minilm
         phase("study", lambda: run_study(study_model, data_dir, out, work, device, plan))

@@ -1,15 +1,11 @@
 """The `evaluate` command: reload a trial's kept weights and measure them again on val or test.
 
-It predicts exactly as training did (same tokenisation, length buckets, batch size and autocast
-dtype on the same kind of device), so on the device the trial ran on the recomputed macro-F1 and
-accuracy equal the trial's stored `val_f1`/`val_accuracy` or `test_f1`/`test_accuracy`.
-It writes `metrics.json` (recomputed and stored values side by side), `per_class_f1.csv` and
-`confusion_matrix.png` (rows = true intent, shaded by share of the row).
+It predicts exactly as training did, so on the device the trial ran on the recomputed metrics
+equal the stored ones; what it writes: docs/usage.md, "Evaluating a kept trial".
 """
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,19 +139,13 @@ def write_evaluation(folder: Path, result: Recomputed, doc: dict[str, Any], titl
     from reports.figures import confusion_figure
     from reports.perclass import Confusion
     from reports.png import save
+    from reports.render import write_csv
 
     (folder / "metrics.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
     rows = per_class_rows(result)
-    with open(folder / "per_class_f1.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(folder / "per_class_f1.csv", list(rows[0]), rows)
     figure = confusion_figure(Confusion(list(result.labels), result.confusion), title)
     save(figure, folder / OUTPUTS[2])
-
-
-def default_out(study_name: str, trial_number: int, split: str) -> Path:
-    return Path("artifacts") / "evaluations" / study_name / f"trial-{trial_number}-{split}"
 
 
 def evaluate_trial(
@@ -169,13 +159,12 @@ def evaluate_trial(
     out: str | None,
 ) -> tuple[Path, dict[str, Any]]:
     """The `evaluate` command; returns the folder written and the metrics document."""
-    if split not in SPLITS:
-        raise WinnersError(f"--split must be one of {', '.join(SPLITS)}")
     if out is not None:
         _check_out(Path(out))
     device = detect_device(device_name)
     name, trial, restored = restore_trial(storage_url, store_dir, study_name, which)
-    folder = Path(out) if out is not None else default_out(name, trial.number, split)
+    default = Path("artifacts") / "evaluations" / name / f"trial-{trial.number}-{split}"
+    folder = Path(out) if out is not None else default
     _check_out(folder)
     made_with = recipe.load(storage_url, study_name) or recipe.load(storage_url, name)
     data_dir, other = evaluation_data(data_dir, made_with, study_name)

@@ -1,13 +1,7 @@
-"""Keep the winners' weights in Optuna's artifact store, as trials finish.
-
-Every COMPLETE trial of `optimize` and `baseline` may hand its best epoch's weights to a
-`WeightKeeper` before it ends. The keeper archives them (`objectives.weights`) and uploads the
-archive with `optuna.artifacts.upload_artifact`, so the trial's artifact list (and
-optuna-dashboard) shows it; the trial's `artifact_id` user attribute names it, and its `labels`
-attribute is the label map (id = position). `--keep` decides which LoRA trials keep weights:
-`all`, `best` (the current top `--keep-top` by validation F1; a trial that drops out has its
-archive removed from the store) or `none`. The baseline always keeps its weights. Where the store
-lives: `storage.artifacts`.
+"""Keep the winners' weights in Optuna's artifact store as trials finish: archived by
+`objectives.weights`, uploaded with `optuna.artifacts.upload_artifact` and named by the trial's
+`artifact_id`; `--keep` and `--keep-top` choose which (docs/usage.md, "Keeping and using the
+winners"). Where the store lives: `storage.artifacts`.
 """
 
 from __future__ import annotations

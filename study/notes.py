@@ -1,16 +1,9 @@
 """What `optimize` shows in optuna-dashboard: a study note and two Pareto figures, kept current.
 
-The note (Markdown, optuna-dashboard's study note) puts the best LoRA trial beside the full-FT
-baseline in the columns of the end-of-run table, with the F1 gap and the cost ratios. The figures
-are `reports.figures.pareto_figure` (validation F1 against trainable parameters and against
-training time, the baseline marked), stored as optuna-dashboard custom plots under fixed ids so
-each refresh replaces them. `DashboardNotes` is an Optuna callback that rewrites both after every
-finished trial: a few reads and a few dozen small writes, negligible beside a trial that trains
-a model.
-
-The builders are pure functions of trials; only `DashboardNotes` touches storage. plotly and
-optuna-dashboard are imported where they are used: training runs where they are not installed
-(a GPU machine, say), and then simply has no note or plots (`dashboard_missing`).
+`DashboardNotes`, an Optuna callback, rewrites both after every finished trial: a few reads and
+a few dozen small writes, negligible beside a trial that trains a model. The builders are pure
+functions of trials. plotly and optuna-dashboard are imported where they are used: training
+runs where they are not installed (a GPU machine, say), and then has no note or plots.
 """
 
 from __future__ import annotations
@@ -31,7 +24,7 @@ from reports.tables import CostKey
 from study.config import CONFIRM_SUFFIX
 
 # The note shares the terminal table's row format, so the terminal and the dashboard agree.
-from study.terminal import TRIAL_COLUMNS, trial_row
+from study.terminal import TOP, TRIAL_COLUMNS, trial_row
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -117,7 +110,6 @@ def study_note(
     lora: Sequence[FrozenTrial],
     baseline: Sequence[FrozenTrial],
     baseline_name: str,
-    top: int = 5,
     confirm: Sequence[FrozenTrial] = (),
     space: Space | None = None,
 ) -> str:
@@ -154,7 +146,7 @@ def study_note(
         lines += note_lines(c)
     for check in c.checks:
         lines += ["", f"### {check.title}", "", *(f"- {line}" for line in check.lines)]
-    top_lora = ranked(r for r in records if not r.baseline)[:top]
+    top_lora = ranked(r for r in records if not r.baseline)[:TOP]
     if len(top_lora) > 1:
         lines += ["", f"### Top {len(top_lora)} LoRA trials by validation F1", ""]
         lines += _table([(f"#{r.number}", r) for r in top_lora])
@@ -192,13 +184,10 @@ def dashboard_figures(
 
 
 class DashboardNotes:
-    """Optuna callback: rewrite the LoRA study's note and Pareto plots after every trial.
-
-    Call `refresh(study)` once before `study.optimize` so the dashboard shows the comparison
-    (and the baseline) before the first trial ends. The baseline study is looked up by name on
-    each refresh, so worker processes need only the storage, and a baseline finished by another
-    process shows up. A failed refresh is reported on stderr and never stops the study: the
-    dashboard view is a convenience, the trials are the product.
+    """Optuna callback: rewrite the LoRA study's note and Pareto plots after every trial
+    (`refresh` once before the first). The baseline is looked up by name on each refresh, so a
+    worker needs only the storage. A failed refresh is reported on stderr and never stops the
+    study: the dashboard view is a convenience, the trials are the product.
     """
 
     def __init__(self, storage: optuna.storages.BaseStorage, baseline_name: str) -> None:

@@ -1,10 +1,7 @@
 """The `predict` command: classify texts with a folder written by `export`.
 
-The folder is loaded the way the README tells users to load it with plain transformers (peft
-puts an adapter onto its base model), so what `predict` prints is what users' own code gets. It
-runs on the device training would pick (`--device auto`: CUDA, then MPS, then the CPU) with the
-same autocast dtype, and prints each text's top intents with their probabilities. The request
-(texts, --top-k, the folder) is checked before torch is imported.
+The folder is loaded the way the docs tell users to load it with plain transformers, so what
+`predict` prints is what users' own code gets. The request is checked before torch is imported.
 """
 
 from __future__ import annotations
@@ -40,7 +37,6 @@ def load_exported(folder: Path) -> tuple[nn.Module, Any]:
 
     from objectives.weights import CLASSIFICATION_CONFIG
 
-    folder = _model_folder(folder)
     config_source = folder / CLASSIFICATION_CONFIG
     try:
         config = AutoConfig.from_pretrained(config_source if config_source.is_file() else folder)
@@ -57,13 +53,6 @@ def load_exported(folder: Path) -> tuple[nn.Module, Any]:
         raise PredictError(f"cannot load the model in {folder}: {first_line(e)}") from None
     model.eval()
     return model, tokenizer
-
-
-def _model_folder(folder: str | Path) -> Path:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise PredictError(f"no model folder at {folder}; write one with `python -m study export`")
-    return folder
 
 
 def read_texts(path: Path) -> list[str]:
@@ -149,7 +138,9 @@ def run_predict(
         raise PredictError('give texts to classify ("text" ...) or --input FILE.csv')
     if top_k < 1:
         raise PredictError(f"--top-k must be a positive number, got {top_k}")
-    folder = _model_folder(model_dir)
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise PredictError(f"no model folder at {folder}; write one with `python -m study export`")
     from objectives.device import compute_dtype, detect_device
 
     device = detect_device(device_name)

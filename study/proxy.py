@@ -1,14 +1,8 @@
-"""The `storage-proxy` command: Optuna's gRPC storage proxy in front of one database.
+"""The `storage-proxy` command: Optuna's gRPC storage proxy in front of one database, whose
+connections then serve every worker (docs/operations.md, "Tens to hundreds of workers").
 
-Every worker holds its own pool of database connections; at tens to hundreds of workers the
-database's connection limit, not the study, is what runs out. Workers given
-``--storage grpc://HOST:PORT`` talk to this one process instead, which holds the only
-connections (through Optuna's trial cache and `storage.resilient`, so a database outage is
-waited out here, once, while the workers' calls wait).
-
-Optuna's proxy has no authentication and no encryption, so it listens on 127.0.0.1 unless
-`--host` says otherwise, and then it says loudly what that exposes (as the dashboard does).
-The server is built here rather than with `optuna.storages.run_grpc_proxy_server` so that the
+It listens on 127.0.0.1 unless `--host` says otherwise, and then says what that exposes. The
+server is built here rather than with `optuna.storages.run_grpc_proxy_server` so that the
 command can print the real port once it is bound (`--port 0`) and stop cleanly on Ctrl-C or
 SIGTERM (exit code 0: stopping is how a proxy ends).
 """

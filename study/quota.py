@@ -1,14 +1,10 @@
 """`optimize_quota`: `study.optimize` that finishes exactly its trials even when one is taken.
 
-After a database outage longer than the heartbeat's grace period, a process that did not see
-the outage (one started just as the database came back) can find this worker's trial stale,
-fail it and queue a copy with the same parameters (system attribute `failed_trial`) while this
-worker still trains it. Optuna then cannot record the trial's end and `study.optimize` raises
-(`UpdateFinishedTrialError`, or "Cannot tell a FAIL trial"). Here that one trial is given up,
-since its copy runs instead (in this worker or another), and the loop goes on until this call has
-finished its `n_trials`, so the study gains exactly the trials asked for. Any other exception
-propagates unchanged. (`storage.resilient` makes this rare: workers that saw the outage do not
-fail anyone's trial until one grace period after it.)
+After a long database outage another process may fail this worker's running trial as stale and
+queue a copy of it (docs/operations.md, "When things go wrong"); Optuna then cannot record the
+trial's end and `study.optimize` raises (`UpdateFinishedTrialError`, or "Cannot tell a FAIL
+trial"). That one trial is given up, since its copy runs instead, and the loop goes on until
+this call has finished its `n_trials`. Any other exception propagates unchanged.
 """
 
 from __future__ import annotations
@@ -34,7 +30,6 @@ def optimize_quota(
     callbacks: Sequence[Callback] = (),
     **kwargs: Any,
 ) -> None:
-    """`study.optimize(objective, n_trials, timeout, callbacks, **kwargs)`, see the module doc."""
     finished = 0
     current: list[int] = []  # the number of the trial in flight
 

@@ -1,18 +1,11 @@
-"""What a study remembers about how it was made, so that its name and storage are enough later.
+"""What a study remembers about how it was made, so that its name and storage are enough later
+(the keys and how commands use them: docs/usage.md, "What a study remembers").
 
-When `optimize`, `baseline` or `confirm` creates a study, it stores its recipe as study user
-attributes (optuna-dashboard shows them on the study page): the model as given and a fingerprint
-of its files, the data source (a resolved folder, or `hub:PolyAI/banking77`) and its fingerprint,
-the subsample, max length, epochs, seed, search space, precision, pruner, sampler, the artifact
-store and the project version. Later commands take every flag they are not given from it:
-`optimize` resumes, `confirm`, `evaluate`, `export` and `dashboard` find model, data and weights.
-
-A flag that is given and differs from the recipe is refused when it would change what the
-trials measure (`FIXED`: model, subsample, max length, epochs, precision; data and space are
-checked by their fingerprints when loaded), and accepted where a new value is legitimate (seed,
-sampler, pruner, artifact store: how the search goes on, not what it measures). A study with
-finished trials but no recipe was made by an older version of this project, whose trials lack
-attributes this one reads; it is refused with one line (`older_version`).
+A flag given with another value than the recipe's is refused where it would change what the
+trials measure (`FIXED_FLAGS`), and accepted where a new value is legitimate (seed, sampler,
+pruner, artifact store: how the search goes on, not what it measures). A study with finished
+trials but no recipe was made by an older version, whose trials lack attributes this one reads;
+it is refused with one line (`older_version`).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from storage import get_storage
 from storage.artifacts import artifact_dir
 from study import recipe
 from study.config import BASELINE_SUFFIX, parse_trial_ref
+from study.studies import named_study
 
 
 class WinnersError(UserError):
@@ -35,13 +36,8 @@ def find_trial(
     """(study name, COMPLETE trial) for `--trial N|best|baseline`, or a WinnersError."""
     ref = parse_trial_ref(which)
     name = study_name + BASELINE_SUFFIX if ref == "baseline" else study_name
-    names = optuna.get_all_study_names(storage)
-    if name not in names:
-        what = "no baseline study" if ref == "baseline" else "no study"
-        raise WinnersError(
-            f"{what} named {name!r} in this storage; it has: {', '.join(names) or 'no studies'}"
-        )
-    trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    missing = "no baseline study" if ref == "baseline" else "no study"
+    trials = named_study(storage, name, missing).get_trials(deepcopy=False)
     if isinstance(ref, int):
         match = [t for t in trials if t.number == ref]
         if not match:

@@ -41,6 +41,7 @@ from study.keeper import keeping_weights
 from study.notes import DashboardNotes, dashboard_missing
 from study.prepare import Prepared, prepare_run
 from study.quota import optimize_quota
+from study.studies import study_or_none
 
 OBJECTIVE_NAME = "val_macro_f1"
 DIRECTION = "maximize"
@@ -256,13 +257,14 @@ def optimize_worker(
     share_cpu_threads(cfg)
     prep = prep or prepare_run(cfg)
     storage = get_storage(cfg.storage, cfg.heartbeat, wait=True)  # it worked for the parent
+    seed = cfg.seed if cfg.sampler_seed is None else cfg.sampler_seed
     study = open_study(
         storage,
         cfg.study_name,
         cfg,
         prep,
         with_space=True,
-        sampler=make_sampler(cfg.sampler, cfg.sampler_base_seed + worker),
+        sampler=make_sampler(cfg.sampler, seed + worker),
         pruner=make_pruner(cfg.pruner, cfg.epochs),
     )
     objective = LoraObjective(prep.space, cfg.train_config(), keeping_weights(prep, cfg))
@@ -310,13 +312,9 @@ def run_optimize(cfg: StudyConfig) -> tuple[optuna.Study, optuna.Study]:
     """The `optimize` command: baseline first, then `cfg.n_trials` new LoRA trials."""
     prep = prepare_run(cfg)
     storage = get_storage(cfg.storage, cfg.heartbeat)
-    identity = study_identity(cfg, prep, with_space=True)
-    # Check the LoRA study before anything (the baseline included) is written.
-    try:
-        existing = optuna.load_study(study_name=cfg.study_name, storage=storage)
-        check_identity(cfg.study_name, existing, identity)
-    except KeyError:
-        pass
+    existing = study_or_none(storage, cfg.study_name)
+    if existing is not None:  # checked before anything (the baseline included) is written
+        check_identity(cfg.study_name, existing, study_identity(cfg, prep, with_space=True))
     baseline = ensure_baseline(storage, cfg, prep, sensitivity=cfg.baseline_sensitivity)
     return run_workers(cfg, prep, storage), baseline
 

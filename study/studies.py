@@ -1,11 +1,5 @@
-"""`python -m study studies`: what a storage holds, one line per study.
-
-For each study: its role (the LoRA study, its full fine-tuning baseline, the seed repeats of
-`confirm`), its trials by state, the best validation F1 and the trial that reached it (for a
-baseline study the fixed run, never a learning-rate neighbour), the baseline's F1 beside each LoRA
-study, and the model and data it was made with (its recipe). Optuna's own `optuna studies
---storage URL` keeps working on the same storage: these are ordinary Optuna studies.
-"""
+"""`python -m study studies`: what a storage holds, one line per study (docs/usage.md,
+"Listing studies"), and the lookups of a study by name."""
 
 from __future__ import annotations
 
@@ -89,17 +83,24 @@ def load_studies(
     storage: optuna.storages.BaseStorage, name: str
 ) -> tuple[optuna.Study, optuna.Study | None]:
     """The LoRA study and, when it exists, its baseline; a missing LoRA study is a user error."""
-    names = optuna.get_all_study_names(storage)
-    if name not in names:
-        raise ConfigError(
-            f"no study named {name!r} in this storage; it has: {', '.join(names) or 'no studies'}"
-        )
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = named_study(storage, name)
     baseline = study_or_none(storage, name + BASELINE_SUFFIX)
     for made in (study, baseline):
         if made is not None:
             recipe.read(made)  # a study made by an older version is refused here
     return study, baseline
+
+
+def named_study(
+    storage: optuna.storages.BaseStorage, name: str, missing: str = "no study"
+) -> optuna.Study:
+    """Study `name`; where there is none, a user error says `missing` and lists the studies."""
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        raise ConfigError(
+            f"{missing} named {name!r} in this storage; it has: {', '.join(names) or 'no studies'}"
+        )
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def study_or_none(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study | None:

@@ -17,9 +17,11 @@ TRIAL_COLUMNS = (
     "mode", "rank", "LR", "scheduler", "trainable params", "total params", "share %",
     "train time s", "val F1", "test F1",
 )  # fmt: skip
+TOP = 5  # LoRA trials shown, best first (the terminal table and the dashboard note)
 
 
-def _num(value: float | None, fmt: str) -> str:
+def cell(value: float | None, fmt: str) -> str:
+    """`value` in `fmt`, "-" where it is unknown."""
     return "-" if value is None else format(value, fmt)
 
 
@@ -32,23 +34,23 @@ def _setting_cells(mode: str | None, p: Mapping[str, Any], counts: Sequence[Any]
         str(p.get("lora_r", "-")),
         format(p["learning_rate"], ".2e") if "learning_rate" in p else "-",
         str(p.get("lr_scheduler", "-")),
-        _num(trainable, ","),
-        _num(total, ","),
-        _num(share, ".2f"),
+        cell(trainable, ","),
+        cell(total, ","),
+        cell(share, ".2f"),
     ]
 
 
 def trial_row(r: TrialRecord) -> list[str]:
     """A trial's cells in `TRIAL_COLUMNS` order, "-" where unknown."""
     counts = (r.trainable_params, r.total_params, r.trainable_share_pct)
-    cells = [_num(r.train_time_s, ".1f"), _num(r.val_f1, ".4f"), _num(r.test_f1, ".4f")]
+    cells = [cell(r.train_time_s, ".1f"), cell(r.val_f1, ".4f"), cell(r.test_f1, ".4f")]
     return [*_setting_cells(r.mode, r.params, counts), *cells]
 
 
-def format_table(comparison: Comparison, lora: Sequence[TrialRecord], top: int = 5) -> str:
-    """Plain-text table: the `top` best COMPLETE trials of `lora`, then the baseline run(s)."""
+def format_table(comparison: Comparison, lora: Sequence[TrialRecord]) -> str:
+    """Plain-text table: the `TOP` best COMPLETE trials of `lora`, then the baseline run(s)."""
     base = [comparison.baseline] if comparison.baseline is not None else []
-    shown = [*ranked(lora)[:top], *base, *comparison.fairness.neighbours]
+    shown = [*ranked(lora)[:TOP], *base, *comparison.fairness.neighbours]
     if not shown:
         return "no COMPLETE trial yet"
     return aligned(TRIAL_COLUMNS, [trial_row(r) for r in shown])

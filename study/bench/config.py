@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from objectives.config import FULL_FT_DEFAULTS, LORA_DEFAULTS, TrainConfig, resolve_data_dir
-from objectives.device import is_device_name
-from study.config import DEVICE_HELP, ConfigError, StudyConfig
+from objectives.config import FULL_FT_DEFAULTS, LORA_DEFAULTS, TrainConfig
+from study.config import ConfigError, StudyConfig
 
 MODES = ("full", "lora")
 DEFAULT_BATCH = {"full": FULL_FT_DEFAULTS.batch_size, "lora": LORA_DEFAULTS.batch_size}
@@ -47,10 +46,6 @@ class BenchConfig:
             max_length=self.max_length,
         )
 
-    @property
-    def resolved_data_dir(self) -> str | None:
-        return resolve_data_dir(self.data_dir)  # the study's rule
-
     def train_config(self) -> TrainConfig:
         """The study's run configuration of this mode, at the bench's batch size."""
         return replace(
@@ -61,8 +56,6 @@ class BenchConfig:
 def validate_bench(cfg: BenchConfig) -> BenchConfig:
     if cfg.mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}")
-    if not is_device_name(cfg.device):
-        raise ConfigError(f"--device must be one of {DEVICE_HELP}")
     for name in ("epochs", "repeats", "max_length", "batch_size", "max_train_samples"):
         value = getattr(cfg, name)
         if value is not None and value < 1:

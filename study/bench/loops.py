@@ -55,7 +55,8 @@ def one_gpu_problem(device: torch.device, visible_gpus: int) -> str | None:
 
 
 def alternating(repeats: int) -> list[tuple[int, str]]:
-    """(repeat, loop) in run order: ours first in odd repeats, the reference first in even."""
+    """(repeat, loop) in run order: ours first in odd repeats, the reference first in even, so
+    that a drift in the machine's load hits both loops alike."""
     order = []
     for i in range(repeats):
         loops = LOOPS if i % 2 == 0 else LOOPS[::-1]
@@ -85,7 +86,7 @@ def build_workload(cfg: BenchConfig, device: torch.device) -> Workload:
     from objectives.data import encode, load_data
     from objectives.model import load_pretrained
 
-    data = load_data(cfg.resolved_data_dir, cfg.max_train_samples)
+    data = load_data(cfg.study_config().resolved_data_dir, cfg.max_train_samples)
     base, tokenizer = load_pretrained(cfg.model, data.label_names)
     encoded = encode(data, tokenizer, cfg.max_length)
     return Workload(

@@ -1,12 +1,8 @@
-"""Peak memory over a block of code (`BlockPeakMemory`), for the bench's runs, and the readings it
-samples: the process's resident set (`rss_mb`) and the allocated MPS memory (`mps_allocated_mb`).
+"""Peak memory over a block of code (`BlockPeakMemory`), for the bench's runs.
 
-The training loop has its own probe (`objectives.device.StepPeakMemory`), and the two are kept apart
-on purpose: that one is called by the loop at a step's high points and, on CPUs, reports the
-process's high-water mark since it started (`ru_maxrss`, which never comes down), the figure a
-trial records. The bench compares two loops run one after the other in one process, so it needs
-the peak within each run: a high-water mark since start-up would give the second loop the first
-one's peak. On CUDA both read the allocator's own peak counter.
+The training loop's own probe (`objectives.device.StepPeakMemory`) reports on CPUs the process's
+high-water mark since it started (`ru_maxrss`, which never comes down). The bench runs two loops
+one after the other in one process and needs the peak within each run, so it samples instead.
 """
 
 from __future__ import annotations
@@ -20,12 +16,9 @@ import torch
 
 
 class BlockPeakMemory:
-    """Peak memory while a block runs, in MiB.
-
-    CUDA: allocated device memory, from the allocator's own peak counter. Elsewhere a thread
-    samples every few milliseconds while the block runs: on MPS the allocated device memory
-    (torch has no peak counter there), on CPUs the process's resident set (its high-water mark,
-    `ru_maxrss`, never comes down). `read` replaces the sampled quantity (tests).
+    """Peak memory while a block runs, in MiB: on CUDA the allocator's peak counter; elsewhere a
+    thread samples every few milliseconds the allocated MPS memory (torch has no peak counter
+    there) or the process's resident set. `read` replaces the sampled quantity (tests).
     """
 
     def __init__(

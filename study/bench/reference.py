@@ -1,16 +1,9 @@
-"""The reference loop: the Hugging Face `Trainer` with the reference runs' settings.
+"""The reference loop of `bench`: the Hugging Face `Trainer` with the reference runs' settings
+(docs/development.md, "Speed: bench"), never used to run trials.
 
-It exists to be measured against (`python -m study bench`), never to run trials. It trains the
-same model object the project's loop would get (`build_model`), on the same tokenised training
-split, with the same batch size, learning rate, weight decay, linear schedule with 6% warmup and
-gradient clipping, and the precision the device supports (bf16/fp16 on GPUs, fp32 on CPUs). It pads
-each random batch dynamically (`DataCollatorWithPadding`), as the reference runs did, and does no
-evaluation, checkpointing or reporting while it trains, so the Trainer is timed at its cheapest.
-Its setup (building the Trainer, which moves the model to the device, up to the first epoch) is
+It does no evaluation, checkpointing or reporting while it trains, so the Trainer is timed at
+its cheapest; its setup (building the Trainer, which moves the model, up to the first epoch) is
 timed apart from the epochs, as the project's loop times its own.
-
-On a machine with several visible GPUs the Trainer wraps the model in `DataParallel` and splits
-every batch over all of them; `bench` refuses that comparison (`study.bench.loops.one_gpu_problem`).
 """
 
 from __future__ import annotations
@@ -37,11 +30,6 @@ class ReferenceResult:
     @property
     def train_time_s(self) -> float:
         return sum(self.epoch_times_s)
-
-    @property
-    def wait_time_s(self) -> float:
-        """What a user waits for the training: setup and the epochs."""
-        return self.setup_time_s + self.train_time_s
 
 
 class _TokenDataset(torch.utils.data.Dataset):

@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from objectives.device import detect_device
-from objectives.record import Attr
+from objectives.record import to_records
 from storage import get_storage
 from study.bench.config import BenchConfig
 from study.bench.hardware import hardware
@@ -81,6 +81,7 @@ def run_workers_bench(
 
 def workers_row(n: int, done: list, wall: float) -> dict[str, Any]:
     """One measurement's figures from its completed trials and its wall-clock seconds."""
+    records = to_records(done, "")
     # Trials per hour once every worker runs: first trial start to last trial end.
     span = (
         (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done))
@@ -94,17 +95,17 @@ def workers_row(n: int, done: list, wall: float) -> dict[str, Any]:
         "wall_s": round(wall, 1),
         "trials_per_hour": round(len(done) * 3600 / wall, 1),
         "steady_trials_per_hour": steady,
-        "mean_train_time_s": _mean_attr(done, Attr.TRAIN_TIME_S),
-        "mean_setup_time_s": _mean_attr(done, Attr.SETUP_TIME_S),
-        "peak_mem_mb": [t.user_attrs.get(Attr.PEAK_MEM_MB) for t in done],
-        "devices": sorted({str(t.user_attrs.get(Attr.DEVICE)) for t in done}),
-        "cuda_graphs": sorted({str(t.user_attrs.get(Attr.CUDA_GRAPHS)) for t in done}),
+        "mean_train_time_s": _mean([r.train_time_s for r in records]),
+        "mean_setup_time_s": _mean([r.setup_time_s for r in records]),
+        "peak_mem_mb": [r.peak_mem_mb for r in records],
+        "devices": sorted({str(r.device) for r in records}),
+        "cuda_graphs": sorted({str(r.cuda_graphs) for r in records}),
     }
 
 
-def _mean_attr(trials: list, key: str) -> float | None:
-    values = [t.user_attrs[key] for t in trials if key in t.user_attrs]
-    return round(statistics.mean(values), 2) if values else None
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.mean(known), 2) if known else None
 
 
 def workers_report_lines(summary: dict[str, Any]) -> list[str]:
