@@ -1,8 +1,8 @@
 """The configuration of one training run (a trial or the baseline), frozen and typed.
 
 Field names equal the Optuna parameter names, so a trial's params map onto a config with
-``dataclasses.replace(cfg, **trial.params)``. Defaults mirror the reference runs (README,
-"What a run does").
+``dataclasses.replace(cfg, **trial.params)``. Defaults mirror the reference runs
+(docs/methodology.md, "Model and defaults").
 """
 
 from __future__ import annotations

@@ -158,7 +158,10 @@ def _add_optimize(sub: argparse._SubParsersAction) -> None:
     opt.add_argument(
         "--pruner", choices=PRUNERS, help="pruner on per-epoch validation F1 (hyperband)"
     )
-    opt.add_argument("--space", help="search space: default, extended, or a TOML file (see README)")
+    opt.add_argument(
+        "--space",
+        help="search space: default, extended, or a TOML file (docs/methodology.md#search-space)",
+    )
     opt.add_argument(
         "--workers", type=int, help="worker processes sharing the trials on this machine (1)"
     )
