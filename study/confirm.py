@@ -1,8 +1,9 @@
 """`python -m study confirm`: re-train the best LoRA trials and the baseline with several seeds,
 as trials of the study `<NAME>-confirm` (docs/methodology.md, "Seed repeats").
 
-Runs are queued as WAITING trials first, so an interrupted `confirm` resumes where it stopped
-and a run whose worker died is failed by the heartbeat and queued again. The statistics over
+Runs are queued as WAITING trials first, so an interrupted `confirm` resumes where it stopped,
+a run whose worker died is failed by the heartbeat and queued again, and several `confirm`
+processes on one storage share the queue. The statistics over
 the seeds are in `reports.confirm`.
 """
 
@@ -165,5 +166,14 @@ def run_confirm(
     )
     objective = ConfirmObjective(prep.ctx, cfg.mixed_precision)
     if waiting:
-        optimize_quota(study, objective, n_trials=waiting, catch=TRIAL_FAILURES)
+        optimize_quota(
+            study, objective, n_trials=waiting, catch=TRIAL_FAILURES, callbacks=[stop_when_drained]
+        )
     return study, jobs
+
+
+def stop_when_drained(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Stop once no run is queued: other `confirm` processes sharing the storage take runs
+    from the same queue, and a trial started with none left would name no run."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        study.stop()

@@ -204,6 +204,34 @@ def test_interrupted_confirm_trains_only_what_is_missing(
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
 
 
+def test_confirm_processes_share_the_queue_and_stop_when_it_is_empty(
+    tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """While this `confirm` trains a run, another process takes the next queued run and
+    finishes it: this one stops when the queue is empty instead of starting a trial that
+    names no run."""
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    optimize(tiny_model_dir, tiny_data_dir, url, n_trials=2)
+    train = ConfirmObjective.__call__
+    taken_elsewhere = []
+
+    def train_and_another_takes_one(self: ConfirmObjective, trial: optuna.Trial) -> float:
+        value = train(self, trial)
+        if trial.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            other = trial.study.ask()  # pops the next queued run, as another process would
+            trial.study.tell(other, train(self, other))
+            taken_elsewhere.append(other.number)
+        return value
+
+    monkeypatch.setattr(ConfirmObjective, "__call__", train_and_another_takes_one)
+    argv = confirm_args(tiny_model_dir, tiny_data_dir, url, "--top", "1", "--seeds", "2")
+    assert main([*argv, "--epochs", "1"]) == 0
+    trials = optuna.load_study(study_name=confirm_name("banking77"), storage=url).trials
+    assert taken_elsewhere == [1, 3]
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert all(Job.from_attrs(t.user_attrs) is not None for t in trials)
+
+
 def test_one_confirm_study_holds_configurations_with_different_choices(
     tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path
 ) -> None:
