@@ -3,8 +3,7 @@ as trials of the study `<NAME>-confirm` (docs/methodology.md, "Seed repeats").
 
 Runs are queued as WAITING trials first, so an interrupted `confirm` resumes where it stopped,
 a run whose worker died is failed by the heartbeat and queued again, and several `confirm`
-processes on one storage share the queue. The statistics over
-the seeds are in `reports.confirm`.
+processes on one storage share the queue. The statistics over the seeds are in `reports.confirm`.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +70,9 @@ def test_confirm_holds_the_three_best_lora_trials_and_the_baseline_at_three_seed
     jobs = [Job.from_attrs(t.user_attrs) for t in trials(url, CONFIRM)]
     assert None not in jobs
     best_three = [r.number for r in ranked(to_records(trials(url, STUDY), STUDY))[:3]]
-    expected = {(STUDY, n, "lora") for n in best_three} | {(BASELINE, 0, "full")}
+    sources = {(STUDY, n, "lora") for n in best_three} | {(BASELINE, 0, "full")}
     assert {(j.source_study, j.source_trial, j.mode, j.seed) for j in jobs} == {
-        (*e[:2], e[2], seed) for e in expected for seed in (43, 44, 45)
+        (*source, seed) for source in sources for seed in (43, 44, 45)
     }
     assert all(j.epochs == 6 for j in jobs)
 
@@ -123,10 +124,8 @@ def test_commands_that_need_weights_say_they_are_not_shipped(
     assert not (tmp_path / command).exists()
 
 
-def test_the_published_file_is_unchanged_by_reading_it(url: str) -> None:
+def test_the_published_file_is_not_in_wal_mode() -> None:
     """Readers open a copy; the published file itself is not in WAL mode, so opening it in
     place leaves no -wal/-shm files beside it."""
-    import sqlite3
-
     with sqlite3.connect(f"file:{PUBLISHED}?mode=ro", uri=True) as con:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
