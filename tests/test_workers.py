@@ -143,7 +143,7 @@ def test_two_processes_racing_for_the_baseline_run_it_once(
 
 
 TAKE_QUEUED = r"""
-import json, sys, time
+import json, pathlib, sys, time
 import optuna, sqlalchemy
 from storage import get_storage
 
@@ -160,6 +160,13 @@ def slower(conn, cursor, statement, parameters, context, executemany):
 
 
 study = optuna.load_study(study_name="queue", storage=storage)
+# a start line: neither process takes a trial before both are ready, so a slow interpreter
+# start cannot leave one of them an empty queue
+ready = pathlib.Path(out).with_suffix(".ready")
+ready.touch()
+deadline = time.monotonic() + 120
+while len(list(ready.parent.glob("*.ready"))) < 2 and time.monotonic() < deadline:
+    time.sleep(0.01)
 taken = []
 while True:
     trial = study.ask()
