@@ -21,6 +21,7 @@ from sklearn.metrics import f1_score
 
 from objectives.predictions import decode_labels
 from objectives.record import Attr, ranked, to_records
+from reports.confirm import confirmed_configs, verdict
 from study.cli import main
 from study.confirm import Job
 
@@ -66,8 +67,13 @@ def test_the_fixed_baseline_and_both_neighbours_are_complete(url: str) -> None:
 def test_confirm_holds_the_three_best_lora_trials_and_the_baseline_at_three_seeds(
     url: str,
 ) -> None:
-    """Every run `confirm --top 3 --seeds 3` plans is in the confirm study (finished or not)."""
-    jobs = [Job.from_attrs(t.user_attrs) for t in trials(url, CONFIRM)]
+    """Every run `confirm --top 3 --seeds 3` plans is COMPLETE in the confirm study, once; the
+    only other trials are runs interrupted by a stopped process (FAIL) and trained again."""
+    runs = trials(url, CONFIRM)
+    complete = [t for t in runs if t.state == TrialState.COMPLETE]
+    assert len(complete) == 12
+    assert {t.state for t in runs} <= {TrialState.COMPLETE, TrialState.FAIL}
+    jobs = [Job.from_attrs(t.user_attrs) for t in complete]
     assert None not in jobs
     best_three = [r.number for r in ranked(to_records(trials(url, STUDY), STUDY))[:3]]
     sources = {(STUDY, n, "lora") for n in best_three} | {(BASELINE, 0, "full")}
@@ -98,6 +104,22 @@ def test_readme_quotes_the_stored_figures(url: str) -> None:
     for record in (best, fixed):
         assert f"{record.test_f1:.3f}" in readme, record.label
     assert re.search(r"0\.93\b", readme)  # the published bert-base figure it is set beside
+
+
+def test_readme_quotes_the_seed_repeats_and_their_verdict(url: str) -> None:
+    """The seed intervals and the Welch verdict in README.md are `confirm`'s, from the file."""
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    configs = confirmed_configs(trials(url, CONFIRM))
+    result = verdict(configs)
+    assert result.lora is not None and result.baseline is not None and result.test_diff
+    for config in (result.lora, result.baseline):
+        test = config.test_f1
+        assert test is not None and test.low is not None and test.high is not None
+        assert f"{test.mean:.3f} ({test.low:.3f}-{test.high:.3f})" in readme, config.label
+    diff = result.test_diff
+    assert result.text.startswith("Not distinguishable")
+    assert f"interval {diff.low:+.4f} to {diff.high:+.4f}" in readme
+    assert f"{-diff.mean:.4f} below the baseline" in readme
 
 
 @pytest.mark.parametrize("command", [["studies"], ["report", "--study-name", STUDY]])
