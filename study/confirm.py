@@ -120,7 +120,9 @@ class ConfirmObjective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         job = Job.from_attrs(trial.user_attrs)
-        if job is None:  # only queued trials are run; this would be a bug
+        # Only queued trials are run. None left: another `confirm` took the last run between
+        # this process's `stop_when_drained` check and its next ask.
+        if job is None:
             raise RuntimeError(f"trial {trial.number} of {trial.study.study_name} names no run")
         return run_trial(trial, self.config(job), self.ctx, prune=False)
 

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from sklearn.metrics import f1_score
 
 from objectives.predictions import decode_labels
-from objectives.record import Attr, ranked, to_records
+from objectives.record import Attr, TrialRecord, ranked, to_records
 from reports.confirm import confirmed_configs, verdict
 from study.cli import main
 from study.confirm import Job
@@ -42,6 +42,11 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+
+
+def lora_ranked(url: str) -> list[TrialRecord]:
+    """The LoRA study's COMPLETE trials, best validation F1 first."""
+    return ranked(to_records(trials(url, STUDY), STUDY))
 
 
 def test_the_study_is_thirty_lora_trials_of_six_epochs_on_the_full_split(url: str) -> None:
@@ -75,7 +80,7 @@ def test_confirm_holds_the_three_best_lora_trials_and_the_baseline_at_three_seed
     assert {t.state for t in runs} <= {TrialState.COMPLETE, TrialState.FAIL}
     jobs = [Job.from_attrs(t.user_attrs) for t in complete]
     assert None not in jobs
-    best_three = [r.number for r in ranked(to_records(trials(url, STUDY), STUDY))[:3]]
+    best_three = [r.number for r in lora_ranked(url)[:3]]
     sources = {(STUDY, n, "lora") for n in best_three} | {(BASELINE, 0, "full")}
     assert {(j.source_study, j.source_trial, j.mode, j.seed) for j in jobs} == {
         (*source, seed) for source in sources for seed in (43, 44, 45)
@@ -84,7 +89,7 @@ def test_confirm_holds_the_three_best_lora_trials_and_the_baseline_at_three_seed
 
 
 def test_best_lora_test_f1_recomputed_from_its_stored_predictions(url: str) -> None:
-    best = ranked(to_records(trials(url, STUDY), STUDY))[0]
+    best = lora_ranked(url)[0]
     trial = next(t for t in trials(url, STUDY) if t.number == best.number)
     predicted = decode_labels(trial.user_attrs[Attr.TEST_PREDICTIONS])
     truth = decode_labels(trial.user_attrs[Attr.TEST_LABELS])
@@ -97,7 +102,7 @@ def test_best_lora_test_f1_recomputed_from_its_stored_predictions(url: str) -> N
 def test_readme_quotes_the_stored_figures(url: str) -> None:
     """The README's headline numbers are the published study's, rounded as printed there."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    best = ranked(to_records(trials(url, STUDY), STUDY))[0]
+    best = lora_ranked(url)[0]
     fixed = next(
         r for r in to_records(trials(url, BASELINE), BASELINE, baseline=True) if not r.neighbour
     )
