@@ -548,8 +548,10 @@ def test_a_database_restart_under_several_workers(
     it out and carries on, the call finishes exactly its trials and nothing fails."""
     url = reachable_url(kind)
     name = names(url, "workers-restart")
-    # enough trials that the second worker, started after the baseline, meets the first
-    flags = ("--epochs", "3", "--n-trials", "16", "--workers", "2")
+    # The second worker starts after the baseline and must meet the first in flight: each
+    # worker's share of trials (10 epochs, none pruned) outlasts a worker's start-up, which
+    # takes several seconds on a loaded machine.
+    flags = ("--epochs", "10", "--pruner", "none", "--n-trials", "16", "--workers", "2")
     proc, err, running, stopped_at = restart_mid_trial(
         kind, url, name, optimize_cmd(tiny_model_dir, tiny_data_dir, url, name, *flags), trials=2
     )
