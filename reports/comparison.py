@@ -13,14 +13,13 @@ from typing import Any
 from objectives.record import TrialRecord
 from objectives.space import Space
 from reports.edges import space_check_lines
-from reports.render import Check, fmt
+from reports.render import Check, params_text
 from reports.sensitivity import Fairness, factor_text, fairness, fairness_lines
 from reports.tables import (
     FRONT_AXES,
     FRONT_NAMES,
     CostKey,
     PruningSavings,
-    best_record,
     pareto_candidates,
     pruning_savings,
 )
@@ -83,14 +82,13 @@ def compare(
     baseline is fair (`seed_f1s`: its validation F1 over `confirm`'s seeds), with `test_noise`
     (seconds of bootstrap) whether the difference is real on this test set, and with the
     study's `space` whether the best trials press against a bound of it."""
-    lora = best_record(records, baseline=False)
-    base = best_record(records, baseline=True)
+    check = fairness(records, seed_f1s)
+    lora, base = check.best_lora, check.fixed
 
     def both(attr: str) -> tuple[Any, Any]:
         return (getattr(lora, attr, None), getattr(base, attr, None))
 
     lora_params, base_params = both("trainable_params")
-    check = fairness(records, seed_f1s)
     checks = [Check("Is the baseline fair?", "fairness", fairness_lines(check, study_name))]
     if test_noise:
         checks.append(_test_noise(lora, base, check, fronts or {}))
@@ -173,10 +171,6 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def _params_text(record: TrialRecord) -> str:
-    return ", ".join(f"{k}={fmt('', v)}" for k, v in record.params.items())
-
-
 def findings_lines(c: Comparison) -> list[str]:
     """The report's closing findings as plain sentences (no Markdown), for REPORT.md and HTML."""
     return [
@@ -196,17 +190,16 @@ def _trial_lines(c: Comparison) -> list[str]:
     if lora is None:
         lines = ["No COMPLETE LoRA trial yet, so there is no best LoRA setting to compare."]
     else:
-        test = f", test F1 {lora.test_f1:.4f}" if lora.test_f1 is not None else ""
         lines = [
-            f"Best LoRA trial (by validation F1): {lora.label} ({_params_text(lora)}): "
-            f"validation F1 {lora.val_f1:.4f}{test}."
+            f"Best LoRA trial (by validation F1): {lora.label} ({params_text(lora.params)}): "
+            f"validation F1 {lora.val_f1:.4f}, test F1 {lora.test_f1:.4f}."
         ]
     if base is None:
         return [*lines, "No COMPLETE full fine-tuning baseline run, so no comparison with it."]
-    test = f", test F1 {base.test_f1:.4f}" if base.test_f1 is not None else ""
     return [
         *lines,
-        f"Full fine-tuning baseline: {base.label}: validation F1 {base.val_f1:.4f}{test}.",
+        f"Full fine-tuning baseline: {base.label}: validation F1 {base.val_f1:.4f}, "
+        f"test F1 {base.test_f1:.4f}.",
     ]
 
 
@@ -214,34 +207,19 @@ def _gap_lines(c: Comparison) -> list[str]:
     lora, base = c.best_lora, c.baseline
     if lora is None or base is None:
         return []
-    deltas = []
-    if c.delta_val_f1 is not None:
-        deltas.append(f"validation {c.delta_val_f1:+.4f}")
-    if c.delta_test_f1 is not None:
-        deltas.append(f"test {c.delta_test_f1:+.4f}")
-    else:
-        deltas.append("test unknown (no test F1 on one of the two trials)")
-    lines = ["Best LoRA minus baseline, macro-F1: " + ", ".join(deltas) + "."]
     share = (
         f"{c.lora_share_pct:.2f}% of its model's weights" if c.lora_share_pct is not None else ""
     )
-    if c.params_vs_baseline_pct is not None:
-        lines.append(
-            f"Trainable parameters: the best LoRA trial trains {lora.trainable_params:,} "
-            f"({share + ', ' if share else ''}{c.params_vs_baseline_pct:.2f}% of the baseline's "
-            f"{base.trainable_params:,})."
-        )
-    elif share:
-        lines.append(f"Trainable parameters: the best LoRA trial trains {share}.")
-    if c.time_ratio is None:
-        lines.append("Training time ratio unknown (train_time_s missing).")
-    else:
-        lines.append(
-            f"Training time (setup included): {lora.wait_time_s:.1f} s for the best LoRA "
-            f"trial against {base.wait_time_s:.1f} s for the baseline, a ratio of "
-            f"{c.time_ratio:.2f}."
-        )
-    return lines
+    return [
+        f"Best LoRA minus baseline, macro-F1: validation {c.delta_val_f1:+.4f}, "
+        f"test {c.delta_test_f1:+.4f}.",
+        f"Trainable parameters: the best LoRA trial trains {lora.trainable_params:,} "
+        f"({share + ', ' if share else ''}{c.params_vs_baseline_pct:.2f}% of the baseline's "
+        f"{base.trainable_params:,}).",
+        f"Training time (setup included): {lora.wait_time_s:.1f} s for the best LoRA "
+        f"trial against {base.wait_time_s:.1f} s for the baseline, a ratio of "
+        f"{c.time_ratio:.2f}.",
+    ]
 
 
 def _importance_line(c: Comparison) -> str:
@@ -262,18 +240,11 @@ def _importance_line(c: Comparison) -> str:
 def _savings_line(savings: PruningSavings | None) -> str:
     if savings is None:
         return "Pruning savings: no finished LoRA trial with a known epoch budget."
-    extra = []
-    if savings.n_budget_assumed:
-        extra.append(
-            f"{savings.n_budget_assumed} trial(s) without max_epochs given the largest budget"
-        )
-    if savings.n_skipped:
-        extra.append(f"{savings.n_skipped} trial(s) left out, epochs run unknown")
     return (
         f"Pruning: {savings.epochs_run} epochs run of a budget of {savings.epoch_budget} "
         f"over {savings.n_trials} finished LoRA trials ({savings.n_pruned} pruned): "
         f"{_pct(savings.used_fraction)} of the epoch budget used, "
-        f"{_pct(savings.saved_fraction)} saved" + (f" ({'; '.join(extra)})" if extra else "") + "."
+        f"{_pct(savings.saved_fraction)} saved."
     )
 
 
@@ -286,30 +257,25 @@ def note_lines(c: Comparison) -> list[str]:
     r, b = c.best_lora, c.baseline
     if r is None or b is None:
         return []
-    lines = []
-    if c.delta_val_f1 is not None:
-        gap = 100 * c.delta_val_f1  # in F1 points, the unit papers and the reference use
-        verdict = (
-            "equal to the baseline"
-            if round(gap, 2) == 0
-            else f"{abs(gap):.2f} points {'above' if gap > 0 else 'below'} the baseline"
-        )
-        lines.append(f"- validation macro-F1 {r.val_f1:.4f} vs {b.val_f1:.4f}: {verdict}")
+    gap = 100 * c.delta_val_f1  # in F1 points, the unit papers and the reference use
+    verdict = (
+        "equal to the baseline"
+        if round(gap, 2) == 0
+        else f"{abs(gap):.2f} points {'above' if gap > 0 else 'below'} the baseline"
+    )
+    lines = [f"- validation macro-F1 {r.val_f1:.4f} vs {b.val_f1:.4f}: {verdict}"]
     if c.delta_test_f1 is not None:
         lines.append(
             f"- test macro-F1 {r.test_f1:.4f} vs {b.test_f1:.4f} (reported, not used to choose)"
         )
-    if r.trainable_params is not None and b.trainable_params:
-        lines.append(
-            f"- trainable parameters {r.trainable_params:,.0f} vs {b.trainable_params:,.0f}:"
-            f" {c.params_vs_baseline_pct:.2f}% of the baseline's"
-        )
-    if c.time_ratio is not None:  # what a user waits: setup (copy, capture, optimizer) + epochs
-        lines.append(
-            f"- training time (setup included) {r.wait_time_s:.1f} s vs {b.wait_time_s:.1f} s:"
-            f" {c.time_ratio:.2f}x the baseline's"
-        )
-    return lines
+    return [
+        *lines,
+        f"- trainable parameters {r.trainable_params:,.0f} vs {b.trainable_params:,.0f}:"
+        f" {c.params_vs_baseline_pct:.2f}% of the baseline's",
+        # what a user waits: setup (copy, capture, optimizer) + epochs
+        f"- training time (setup included) {r.wait_time_s:.1f} s vs {b.wait_time_s:.1f} s:"
+        f" {c.time_ratio:.2f}x the baseline's",
+    ]
 
 
 # ----------------------------------------------------------------------------- load
@@ -324,8 +290,6 @@ def load_of(record: TrialRecord) -> tuple[str | None, int | None, int | None]:
 
 def describe_load(load: tuple[str | None, int | None, int | None]) -> str:
     kind, others, threads = load
-    if others is None and threads is None:
-        return f"{kind or 'unknown device'}, load not recorded"
     alone = "alone" if others == 0 else f"beside {others} other trial(s)"
     return f"{kind or 'unknown device'}, {alone}, {threads} torch thread(s)"
 

@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 from scipy import stats
 
 from objectives.record import Attr, TrialRecord
-from reports.render import fmt
+from reports.render import params_text
+from reports.sensitivity import seed_runs
 
 LEVEL = 0.95
 
@@ -82,18 +83,8 @@ class ConfirmedConfig:
 def confirmed_configs(trials: Sequence[FrozenTrial]) -> list[ConfirmedConfig]:
     """COMPLETE runs grouped by source trial (the first run of each seed), best mean val F1
     first."""
-    groups: dict[tuple[str, int], dict[int, FrozenTrial]] = {}
-    for t in sorted(trials, key=lambda t: t.number):
-        if t.state != TrialState.COMPLETE or t.value is None:
-            continue
-        attrs = t.user_attrs
-        if Attr.SOURCE_STUDY not in attrs or Attr.SEED not in attrs:
-            continue
-        runs = groups.setdefault((attrs[Attr.SOURCE_STUDY], int(attrs[Attr.SOURCE_TRIAL])), {})
-        runs.setdefault(int(attrs[Attr.SEED]), t)
     out = []
-    for (study, number), by_seed in groups.items():
-        runs = [by_seed[s] for s in sorted(by_seed)]
+    for (study, number), runs in seed_runs(trials).items():
         first, records = runs[0].user_attrs, [TrialRecord.from_trial(t, study) for t in runs]
         test = [r.test_f1 for r in records if r.test_f1 is not None]
         time_s = [r.train_time_s for r in records if r.train_time_s is not None]
@@ -101,9 +92,9 @@ def confirmed_configs(trials: Sequence[FrozenTrial]) -> list[ConfirmedConfig]:
             ConfirmedConfig(
                 source_study=study,
                 source_trial=number,
-                mode=first.get(Attr.SOURCE_MODE, records[0].mode or "lora"),
-                params=dict(first.get(Attr.SOURCE_PARAMS, runs[0].params)),
-                seeds=tuple(sorted(by_seed)),
+                mode=first[Attr.SOURCE_MODE],
+                params=dict(first[Attr.SOURCE_PARAMS]),
+                seeds=tuple(r.seed for r in records),
                 val_f1=t_interval([float(t.value) for t in runs]),
                 test_f1=t_interval(test) if test else None,
                 train_time_s=t_interval(time_s) if time_s else None,
@@ -187,7 +178,7 @@ def confirm_rows(configs: Sequence[ConfirmedConfig]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "configuration": c.label,
-                "params": ", ".join(f"{k}={fmt('', v)}" for k, v in c.params.items()),
+                "params": params_text(c.params),
                 "seeds": len(c.seeds),
                 "val_f1_mean": round(c.val_f1.mean, 4),
                 "val_f1_ci": _ci(c.val_f1, 4),

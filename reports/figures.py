@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import plotly.graph_objects as go
-from optuna.trial import FrozenTrial
 
-from objectives.record import TrialRecord, to_records
+from objectives.record import TrialRecord
 from reports.importance import ImportanceResult
 from reports.perclass import ClassF1, Confusion, row_normalised
 from reports.tables import (
@@ -142,7 +141,8 @@ PARETO_STYLES = {
 
 def pareto_figure_from_records(records: Sequence[TrialRecord], cost: CostKey) -> go.Figure:
     """F1 against `cost` for every trial with both values, the front highlighted as a staircase,
-    the baseline as a star with a horizontal line at its F1."""
+    the baseline as a star with a horizontal line at its F1. Always a figure: the dashboard
+    stores it unchecked, so without data it carries a note."""
     cost = check_cost(cost)
     front = pareto_front(records, cost)
     on_front = {(r.study, r.number) for r in front}
@@ -177,22 +177,6 @@ def pareto_figure_from_records(records: Sequence[TrialRecord], cost: CostKey) ->
     return fig
 
 
-def pareto_figure(
-    study_trials: Sequence[FrozenTrial],
-    baseline_trials: Sequence[FrozenTrial],
-    x: CostKey = "trainable_params",
-    *,
-    study_name: str = "lora",
-    baseline_name: str = "full-ft",
-) -> go.Figure:
-    """Pareto figure (F1 against `x`) straight from FrozenTrials, e.g. to store in
-    optuna-dashboard. Always returns a figure; with no data it carries a note."""
-    records = to_records(study_trials, study_name) + to_records(
-        baseline_trials, baseline_name, baseline=True
-    )
-    return pareto_figure_from_records(records, x)
-
-
 def importance_figure(result: ImportanceResult) -> go.Figure:
     """Horizontal grouped bars, one colour per evaluator, parameters in the first one's order."""
     order: list[str] = []
@@ -219,8 +203,6 @@ def importance_figure(result: ImportanceResult) -> go.Figure:
             )
         )
     fig.update_yaxes(autorange="reversed")
-    if not result.rows:
-        return _empty(fig, "Importance not computed (see notes).")
     return fig
 
 
@@ -253,8 +235,6 @@ def history_figure(records: Sequence[TrialRecord]) -> go.Figure:
             )
         )
     _baseline_line(fig, best_record(records, baseline=True))
-    if not lora:
-        return _empty(fig, "No trial has reported a validation F1 yet.")
     return fig
 
 
@@ -267,7 +247,6 @@ def intermediate_figure(records: Sequence[TrialRecord]) -> go.Figure:
         "PRUNED": ("PRUNED", {"color": COLORS["pruned"], "width": 1.2, "dash": "dot"}),
     }
     shown: set[str] = set()
-    drawn = 0
     for r in records:
         if not r.intermediate:
             continue
@@ -292,9 +271,6 @@ def intermediate_figure(records: Sequence[TrialRecord]) -> go.Figure:
             )
         )
         shown.add(group)
-        drawn += 1
-    if not drawn:
-        return _empty(fig, "No trial has reported an intermediate value yet.")
     return fig
 
 

@@ -85,14 +85,7 @@ def _scratch_study(trials: Sequence[FrozenTrial]) -> optuna.Study:
 
 
 def _usable(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    return [
-        t
-        for t in trials
-        if t.state == TrialState.COMPLETE
-        and t.values is not None
-        and len(t.values) >= 1
-        and math.isfinite(t.values[0])
-    ]
+    return [t for t in trials if t.state == TrialState.COMPLETE and math.isfinite(t.values[0])]
 
 
 def _varying_params(trials: Sequence[FrozenTrial]) -> list[str]:

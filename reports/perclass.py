@@ -24,24 +24,13 @@ class Confusion:
 
 
 def confusion_of(trial: FrozenTrial | None) -> Confusion | None:
-    """The trial's test confusion matrix, or None when absent or malformed (never raises)."""
-    if trial is None:
+    """The trial's test confusion matrix and label names; None without a trial or a matrix
+    (a COMPLETE trial writes both)."""
+    if trial is None or Attr.TEST_CONFUSION not in trial.user_attrs:
         return None
-    raw = trial.user_attrs.get(Attr.TEST_CONFUSION)
-    if not isinstance(raw, list) or not raw:
-        return None
-    try:
-        counts = np.asarray(raw, dtype=float)
-    except (TypeError, ValueError):
-        return None
-    n = counts.shape[0]
-    if counts.shape != (n, n) or not np.all(np.isfinite(counts)) or np.any(counts < 0):
-        return None
-    labels = trial.user_attrs.get(Attr.LABELS)
-    if not isinstance(labels, list) or len(labels) != n:
-        # Without names the ids still identify classes within one study.
-        labels = [str(i) for i in range(n)]
-    return Confusion(labels=[str(label) for label in labels], counts=counts.astype(np.int64))
+    attrs = trial.user_attrs
+    counts = np.asarray(attrs[Attr.TEST_CONFUSION], dtype=np.int64)
+    return Confusion(labels=[str(label) for label in attrs[Attr.LABELS]], counts=counts)
 
 
 def row_normalised(counts: np.ndarray) -> np.ndarray:

@@ -50,6 +50,11 @@ def fmt(column: str, value: Any) -> str:
     return str(value)
 
 
+def params_text(params: Mapping[str, Any]) -> str:
+    """A trial's parameters as `name=value, ...`, each value as `fmt` shows it."""
+    return ", ".join(f"{k}={fmt('', v)}" for k, v in params.items())
+
+
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 

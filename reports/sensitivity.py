@@ -160,14 +160,25 @@ def fairness_lines(f: Fairness, study_name: str) -> list[str]:
     return lines
 
 
+def seed_runs(confirm_trials: Sequence[FrozenTrial]) -> dict[tuple[str, int], list[FrozenTrial]]:
+    """`confirm`'s COMPLETE runs by source trial (study, number): the first run of each seed, in
+    seed order. Here rather than in `reports.confirm`, which imports scipy: the dashboard note
+    reads the baseline's runs after every trial."""
+    groups: dict[tuple[str, int], dict[int, FrozenTrial]] = {}
+    for t in sorted(confirm_trials, key=lambda t: t.number):
+        if t.state == TrialState.COMPLETE:
+            attrs = t.user_attrs
+            runs = groups.setdefault((attrs[Attr.SOURCE_STUDY], int(attrs[Attr.SOURCE_TRIAL])), {})
+            runs.setdefault(int(attrs[Attr.SEED]), t)
+    return {source: [by_seed[s] for s in sorted(by_seed)] for source, by_seed in groups.items()}
+
+
 def baseline_seed_f1s(confirm_trials: Sequence[FrozenTrial]) -> list[float]:
     """Validation F1 of the baseline configuration over the seeds `confirm` trained it with
     (the first COMPLETE run of each seed)."""
-    by_seed: dict[int, float] = {}
-    for t in sorted(confirm_trials, key=lambda t: t.number):
-        attrs = t.user_attrs
-        if t.state != TrialState.COMPLETE or t.value is None or Attr.SEED not in attrs:
-            continue
-        if attrs.get(Attr.SOURCE_MODE) == "full":
-            by_seed.setdefault(int(attrs[Attr.SEED]), float(t.value))
-    return list(by_seed.values())
+    return [
+        float(t.value)
+        for runs in seed_runs(confirm_trials).values()
+        for t in runs
+        if t.user_attrs[Attr.SOURCE_MODE] == "full"
+    ]

@@ -10,11 +10,13 @@ cost ascending, then F1 descending, then study and trial number.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from objectives.record import TrialRecord, ranked
+from optuna.trial import FrozenTrial
+
+from objectives.record import TrialRecord, ranked, to_records
 
 CostKey = Literal["trainable_params", "wait_time_s"]
 COST_KEYS: tuple[CostKey, ...] = ("trainable_params", "wait_time_s")
@@ -43,6 +45,16 @@ PARETO_HEAD = (
     "study", "trial", "val_f1", "test_f1", "trainable_params", "train_time_s", "wait_time_s",
     "mode",
 )  # fmt: skip
+
+
+def trial_records(
+    lora: Iterable[FrozenTrial],
+    study_name: str,
+    baseline: Iterable[FrozenTrial],
+    baseline_name: str,
+) -> list[TrialRecord]:
+    """The records of the LoRA study's trials, then its baseline's."""
+    return to_records(lora, study_name) + to_records(baseline, baseline_name, baseline=True)
 
 
 def param_names(records: Sequence[TrialRecord]) -> list[str]:
@@ -170,8 +182,6 @@ class PruningSavings:
     n_pruned: int
     epochs_run: int
     epoch_budget: int  # sum over counted trials of max_epochs
-    n_budget_assumed: int  # counted trials without max_epochs, given the study's largest one
-    n_skipped: int  # finished trials left out: epochs run unknown, or no budget known at all
 
     @property
     def used_fraction(self) -> float:
@@ -188,26 +198,21 @@ def pruning_savings(records: Sequence[TrialRecord]) -> PruningSavings | None:
     FAIL trials stopped for another reason than pruning and RUNNING ones have not finished, so
     neither is counted. None when no trial can be counted.
     """
-    finished = [r for r in records if not r.baseline and r.state in ("COMPLETE", "PRUNED")]
-    known_budgets = [r.max_epochs for r in records if not r.baseline and r.max_epochs]
-    fallback = max(known_budgets) if known_budgets else None
-    counted, assumed = [], 0
-    for r in finished:
-        budget = r.max_epochs or fallback
-        if r.epochs_run is None or not budget:
-            continue
-        if not r.max_epochs:
-            assumed += 1
-        counted.append((r, budget))
+    counted = [
+        r
+        for r in records
+        if not r.baseline
+        and r.state in ("COMPLETE", "PRUNED")
+        and r.epochs_run is not None
+        and r.max_epochs
+    ]
     if not counted:
         return None
     return PruningSavings(
         n_trials=len(counted),
-        n_pruned=sum(r.state == "PRUNED" for r, _ in counted),
-        epochs_run=sum(int(r.epochs_run or 0) for r, _ in counted),
-        epoch_budget=sum(budget for _, budget in counted),
-        n_budget_assumed=assumed,
-        n_skipped=len(finished) - len(counted),
+        n_pruned=sum(r.state == "PRUNED" for r in counted),
+        epochs_run=sum(r.epochs_run for r in counted),
+        epoch_budget=sum(r.max_epochs for r in counted),
     )
 
 

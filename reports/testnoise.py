@@ -162,8 +162,7 @@ def predictions_of(record: TrialRecord) -> Predictions | None:
     if labels is None or predicted is None or len(labels) != len(predicted) or not len(labels):
         return None
     top = int(max(labels.max(), predicted.max())) + 1
-    num_labels = max(record.num_labels, top) if record.num_labels else top
-    return Predictions(labels, predicted, num_labels)
+    return Predictions(labels, predicted, max(record.num_labels, top))
 
 
 def compare_trials(a: Predictions, b: Predictions) -> PairedTest | None:

@@ -14,7 +14,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from objectives.record import TrialRecord, count_states, to_records
+from objectives.record import TrialRecord, count_states
 from objectives.space import stored_space
 from reports.comparison import Comparison, compare, findings_lines, timing_notes
 from reports.confirm import (
@@ -50,6 +50,7 @@ from reports.tables import (
     summary_columns,
     summary_row,
     summary_rows,
+    trial_records,
 )
 
 FRONT_FILES: dict[CostKey, str] = {
@@ -103,14 +104,6 @@ def _study_notes(
         reasons = sorted({r.fail_reason for r in failed if r.fail_reason})
         why = f" Reasons: {'; '.join(reasons[:5])}." if reasons else ""
         notes.append(f"{len(failed)} trial(s) FAILED and are left out of every statistic.{why}")
-    for cost in COST_KEYS:
-        missing = [r for r in records if r.complete and getattr(r, cost) is None]
-        if missing:
-            names = ", ".join(r.label for r in missing[:10])
-            notes.append(
-                f"{len(missing)} COMPLETE trial(s) lack {cost} and are left out of that "
-                f"front: {names}."
-            )
     return notes
 
 
@@ -265,12 +258,9 @@ def _write_pngs(out: Path, sections: Sequence[Section]) -> list[Path]:
 
 def study_records(study: optuna.Study, baseline: optuna.Study | None) -> list[TrialRecord]:
     """The records of the LoRA study's trials, then its baseline's."""
-    records = to_records(study.get_trials(deepcopy=False), study.study_name)
-    if baseline is not None:
-        records += to_records(
-            baseline.get_trials(deepcopy=False), baseline.study_name, baseline=True
-        )
-    return records
+    base = baseline.get_trials(deepcopy=False) if baseline is not None else []
+    name = baseline.study_name if baseline is not None else ""
+    return trial_records(study.get_trials(deepcopy=False), study.study_name, base, name)
 
 
 def _write_checks(

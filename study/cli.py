@@ -406,20 +406,19 @@ def _print_comparison(
 ) -> None:
     """The end-of-run table (the best LoRA trials with `show_lora`, the baseline runs) and the
     comparison's checks; `confirm`'s seed repeats, where they exist, give the baseline's noise."""
-    from objectives.record import to_records
     from reports.comparison import compare
     from reports.sensitivity import baseline_seed_f1s
+    from reports.tables import trial_records
     from study.config import CONFIRM_SUFFIX
     from study.terminal import format_checks, format_table
 
-    lora_records = to_records(lora, cfg.study_name)
-    records = lora_records + to_records(baseline, cfg.baseline_name, baseline=True)
+    records = trial_records(lora, cfg.study_name, baseline, cfg.baseline_name)
     confirm = _load_trials(cfg.storage, cfg.study_name + CONFIRM_SUFFIX)
     space = load_space(cfg.space) if show_lora else None
     comparison = compare(
         records, study_name=cfg.study_name, seed_f1s=baseline_seed_f1s(confirm), space=space
     )
-    print(format_table(comparison, lora_records if show_lora else []))
+    print(format_table(comparison, [r for r in records if not r.baseline] if show_lora else []))
     print(format_checks(comparison))
 
 

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from objectives.record import TrialRecord, count_states, ranked, to_records
+from objectives.record import TrialRecord, count_states, ranked
 from objectives.space import Space, stored_space
 from reports.comparison import compare, note_lines
 from reports.sensitivity import baseline_seed_f1s
-from reports.tables import CostKey
+from reports.tables import CostKey, trial_records
 from study.config import CONFIRM_SUFFIX
 
 # The note shares the terminal table's row format, so the terminal and the dashboard agree.
@@ -116,7 +116,7 @@ def study_note(
     """The Markdown note of the LoRA study: best LoRA trial vs the baseline, the comparison's
     checks (`confirm`'s trials give the baseline's seed noise; the study's `space` whether the
     best trials press against a bound), then the top trials."""
-    records = to_records(lora, study_name) + to_records(baseline, baseline_name, baseline=True)
+    records = trial_records(lora, study_name, baseline, baseline_name)
     c = compare(records, study_name=study_name, seed_f1s=baseline_seed_f1s(confirm), space=space)
     best, base = c.best_lora, c.baseline
     lines = [
@@ -170,13 +170,12 @@ def dashboard_figures(
     baseline_name: str,
 ) -> dict[str, go.Figure]:
     """The Pareto figures by custom-plot id, sized for the dashboard's plot cards."""
-    from reports.figures import pareto_figure
+    from reports.figures import pareto_figure_from_records
 
+    records = trial_records(lora, study_name, baseline, baseline_name)
     figures = {}
     for cost, figure_id in FIGURE_IDS.items():
-        fig = pareto_figure(
-            lora, baseline, cost, study_name=study_name, baseline_name=baseline_name
-        )
+        fig = pareto_figure_from_records(records, cost)
         # The report's fixed height overflows the dashboard's 450 px card; let plotly fit it.
         fig.update_layout(height=None, autosize=True)
         figures[figure_id] = fig

@@ -28,7 +28,7 @@ from sklearn.metrics import f1_score
 from objectives.metrics import per_class_f1
 from objectives.record import TrialRecord, as_float, as_int, to_records
 from reports.comparison import compare
-from reports.figures import pareto_figure
+from reports.figures import pareto_figure_from_records
 from reports.importance import FANOVA, MIN_TRIALS, PED_ANOVA, param_importances
 from reports.perclass import (
     Confusion,
@@ -419,8 +419,7 @@ def test_pruning_savings_hand_checked() -> None:
         savings_record(2, "PRUNED", 1, 6),
         savings_record(3, "FAIL", 3, 6),  # not a pruning decision: excluded
         savings_record(4, "RUNNING", 2, 6),  # unfinished: excluded
-        savings_record(5, "COMPLETE", 6, None),  # budget taken as the study's largest (6)
-        savings_record(6, "PRUNED", None, 6),  # epochs run unknown: skipped, and counted as such
+        savings_record(5, "COMPLETE", 6, 6),
         TrialRecord("full", 0, "COMPLETE", True, "full", epochs_run=6, max_epochs=6),
     ]
     savings = pruning_savings(records)
@@ -429,7 +428,6 @@ def test_pruning_savings_hand_checked() -> None:
     assert savings.used_fraction == pytest.approx(15 / 24)
     assert savings.saved_fraction == pytest.approx(9 / 24)
     assert (savings.n_trials, savings.n_pruned) == (4, 2)
-    assert (savings.n_budget_assumed, savings.n_skipped) == (1, 1)
 
 
 def test_pruning_savings_none_without_a_countable_trial() -> None:
@@ -492,17 +490,15 @@ def test_compare_per_class_sorted_by_difference_and_matched_by_name() -> None:
     assert rows[0].baseline_f1 == 1.0 and rows[0].difference == pytest.approx(4 / 7 - 1)
 
 
-def test_confusion_of_rejects_malformed_attributes() -> None:
+def test_confusion_of_reads_the_matrix_and_its_labels() -> None:
     def trial(**attrs: Any) -> FrozenTrial:
         return create_trial(value=0.5, user_attrs=attrs)
 
     assert confusion_of(None) is None
     assert confusion_of(trial()) is None
-    assert confusion_of(trial(test_confusion=[[1, 2], [3]])) is None
-    assert confusion_of(trial(test_confusion=[[1, 2, 3], [4, 5, 6]])) is None
-    assert confusion_of(trial(test_confusion="[[1]]")) is None
-    unnamed = confusion_of(trial(test_confusion=[[1, 0], [0, 1]], labels=["only-one"]))
-    assert unnamed is not None and unnamed.labels == ["0", "1"]
+    named = confusion_of(trial(test_confusion=[[1, 0], [2, 3]], labels=["a", "b"]))
+    assert named is not None and named.labels == ["a", "b"]
+    assert named.counts.tolist() == [[1, 0], [2, 3]]
 
 
 # ---------------------------------------------------------------- importance
@@ -578,7 +574,8 @@ def test_importance_ignores_unfinished_trials_and_fixed_params() -> None:
 
 def test_pareto_figure_marks_front_and_baseline(studies) -> None:
     study, baseline = studies
-    fig = pareto_figure(study.trials, baseline.trials, x="trainable_params")
+    records = to_records(study.trials, "lora") + to_records(baseline.trials, "b", baseline=True)
+    fig = pareto_figure_from_records(records, "trainable_params")
     assert isinstance(fig, go.Figure)
     names = [trace.name for trace in fig.data]
     assert {"LoRA trials", "Pareto front", "full fine-tuning baseline"} <= set(names)
@@ -588,16 +585,15 @@ def test_pareto_figure_marks_front_and_baseline(studies) -> None:
         shape.y0 == pytest.approx(BASELINE_F1) for shape in fig.layout.shapes
     )  # baseline line
     assert fig.layout.xaxis.type == "log"
-    records = to_records(study.trials, "lora") + to_records(baseline.trials, "b", baseline=True)
     front = fig.data[names.index("Pareto front")]
     assert len(front.x) == len(pareto_front(records, "trainable_params"))
 
-    timed = pareto_figure(study.trials, baseline.trials, x="wait_time_s")
+    timed = pareto_figure_from_records(records, "wait_time_s")
     assert timed.layout.xaxis.type != "log"
-    empty = pareto_figure([], [], x="wait_time_s")
+    empty = pareto_figure_from_records([], "wait_time_s")
     assert "No COMPLETE trial" in empty.layout.annotations[0].text
     with pytest.raises(ValueError):
-        pareto_figure([], [], x="epochs")  # type: ignore[arg-type]
+        pareto_figure_from_records([], "epochs")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- write_reports end to end
@@ -723,25 +719,15 @@ def test_report_with_no_complete_trial(tmp_path: Path) -> None:
     assert "Not drawn: no COMPLETE trial" in page
 
 
-def test_report_with_a_single_trial_and_bare_attributes(tmp_path: Path) -> None:
+def test_report_with_a_single_trial(tmp_path: Path) -> None:
     study = new_study("single")
-    # An old trial: a value and parameters, none of the user attributes the reports read.
-    study.add_trial(
-        create_trial(
-            value=0.7,
-            params={"lora_r": 8, "learning_rate": 1e-4, "lr_scheduler": "linear"},
-            distributions=SPACE,
-        )
-    )
+    study.add_trial(lora_trial(8, 1e-4, [0.6, 0.7]))
     out = tmp_path / "report"
     written = write_reports(study, None, out)
     names = {p.name for p in written}
     assert {"history.png", "summary.csv", "REPORT.md"} <= names
-    assert "pareto_params.png" not in names  # no trainable_params: nothing to put on a front
     report = (out / "REPORT.md").read_text()
-    assert "1 COMPLETE trial(s) lack trainable_params" in report
     assert "fANOVA importance not computed: 1 COMPLETE trial(s)" in report
-    assert "Pruning savings: no finished LoRA trial with a known epoch budget" in report
     assert read_csv(out / "summary.csv")[0]["val_f1"] == "0.7"
 
 
