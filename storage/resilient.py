@@ -158,14 +158,12 @@ class _QuietFallback(logging.Filter):
         return not getattr(self.inside, "on", False)
 
 
-def _quiet_fallback() -> _QuietFallback:
-    """The filter on Optuna's RDB logger, added once per process."""
-    logger = logging.getLogger("optuna.storages._rdb.storage")
-    for existing in logger.filters:
-        if isinstance(existing, _QuietFallback):
-            return existing
-    quiet = _QuietFallback()
-    logger.addFilter(quiet)
+def _filter_once(logger: logging.Logger, cls: type[T]) -> T:
+    """The `cls` filter on `logger`, added if it has none yet: once per process."""
+    quiet = next((f for f in logger.filters if isinstance(f, cls)), None)
+    if quiet is None:
+        quiet = cls()
+        logger.addFilter(quiet)
     return quiet
 
 
@@ -189,22 +187,59 @@ def _quiet_reset(engine: sqlalchemy.engine.Engine) -> None:
     """Add (once per process and driver) the filter to the logger of `engine`'s pool."""
     logger = engine.pool.logger
     logger = getattr(logger, "logger", logger)  # an echoing pool wraps its logger
-    quiet = next((f for f in logger.filters if isinstance(f, _QuietReset)), None)
-    if quiet is None:
-        quiet = _QuietReset()
-        logger.addFilter(quiet)
+    quiet = _filter_once(logger, _QuietReset)
     dbapi = engine.dialect.loaded_dbapi
     quiet.lost = tuple({*quiet.lost, dbapi.OperationalError, dbapi.InterfaceError})
 
 
 class _Outage:
-    """What all threads of one storage know about the current outage."""
+    """What all threads of one storage (or one `open_waiting`) know about the current outage,
+    and what the operator is told: a line when it begins, one when it ends, StorageUnavailable
+    after the grace."""
 
-    def __init__(self) -> None:
+    def __init__(self, url: str, grace_s: float, notify: Callable[[str], None]) -> None:
+        self.url = url
+        self.grace_s = grace_s
+        self.notify = notify
         self.lock = threading.Lock()
         self.since: float | None = None  # monotonic time of the first failed call, None if up
         self.ended: float | None = None  # monotonic time the last outage ended
         self.reason = ""
+
+    def down(self, exc: BaseException) -> float:
+        """Note a lost connection; the seconds left before giving up, or StorageUnavailable."""
+        now = time.monotonic()
+        with self.lock:
+            first = self.since is None
+            if first:
+                self.since = now
+                self.reason = scrub(_reason(exc), self.url)
+            since, reason = self.since, self.reason
+        where = redact(self.url)
+        if first:
+            self.notify(
+                f"warning: storage {where} unreachable ({reason}); "
+                f"retrying for up to {self.grace_s:.0f} s"
+            )
+        waited = now - since
+        if waited >= self.grace_s:
+            raise StorageUnavailable(
+                f"storage {where} unreachable for {waited:.0f} s ({reason}); "
+                "rerun the same command to resume"
+            ) from exc
+        return self.grace_s - waited
+
+    def up(self) -> None:
+        if self.since is None:  # the usual case: no lock taken
+            return
+        now = time.monotonic()
+        with self.lock:
+            if self.since is None:
+                return
+            took = now - self.since
+            self.since = None
+            self.ended = now
+        self.notify(f"storage {redact(self.url)} reachable again after {took:.1f} s; continuing")
 
 
 class _Spent:
@@ -241,9 +276,9 @@ class ResilientRDBStorage(RDBStorage):
     ) -> None:
         self.outage_grace_s = outage_grace_s
         self.notify = notify
-        self._outage = _Outage()
         self._spent = _Spent()
         super().__init__(url, engine_kwargs, **kwargs)
+        self._outage = _Outage(self.url, outage_grace_s, notify)
         RECEIPTS.metadata.create_all(self.engine)  # beside Optuna's tables, made the same way
         _quiet_reset(self.engine)
 
@@ -254,7 +289,7 @@ class ResilientRDBStorage(RDBStorage):
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
-        state["_outage"] = _Outage()
+        state["_outage"] = _Outage(state["url"], state["outage_grace_s"], state["notify"])
         state["_spent"] = _Spent()
         super().__setstate__(state)
         _quiet_reset(self.engine)
@@ -272,13 +307,13 @@ class ResilientRDBStorage(RDBStorage):
                 if unsure and recover is not None:
                     done, value = recover()
                     if done:
-                        self._up()
+                        self._outage.up()
                         return value
                 value = attempt()
             except Exception as e:
                 kind = classify(e)
                 if kind is None:
-                    self._up()  # the database answered, with an error of its own
+                    self._outage.up()  # the database answered, with an error of its own
                     raise
                 unsure = True
                 if kind == "contention":
@@ -287,47 +322,12 @@ class ResilientRDBStorage(RDBStorage):
                         raise
                     time.sleep(random.random() * 2.0)
                     continue
-                left = self._down(e)
+                left = self._outage.down(e)
                 time.sleep(min(left, pause * random.uniform(0.75, 1.25)))
                 pause = min(2 * pause, MAX_PAUSE_S)
                 continue
-            self._up()
+            self._outage.up()
             return value
-
-    def _down(self, exc: BaseException) -> float:
-        """Note a lost connection; the seconds left before giving up, or StorageUnavailable."""
-        now = time.monotonic()
-        with self._outage.lock:
-            first = self._outage.since is None
-            if first:
-                self._outage.since = now
-                self._outage.reason = scrub(_reason(exc), self.url)
-            since, reason = self._outage.since, self._outage.reason
-        where = redact(self.url)
-        if first:
-            self.notify(
-                f"warning: storage {where} unreachable ({reason}); "
-                f"retrying for up to {self.outage_grace_s:.0f} s"
-            )
-        waited = now - since
-        if waited >= self.outage_grace_s:
-            raise StorageUnavailable(
-                f"storage {where} unreachable for {waited:.0f} s ({reason}); "
-                "rerun the same command to resume"
-            ) from exc
-        return self.outage_grace_s - waited
-
-    def _up(self) -> None:
-        if self._outage.since is None:  # the usual case: no lock taken
-            return
-        now = time.monotonic()
-        with self._outage.lock:
-            if self._outage.since is None:
-                return
-            took = now - self._outage.since
-            self._outage.since = None
-            self._outage.ended = now
-        self.notify(f"storage {redact(self.url)} reachable again after {took:.1f} s; continuing")
 
     # ------------------------------------------------------------------ repeated as they are
 
@@ -364,7 +364,7 @@ class ResilientRDBStorage(RDBStorage):
 
     def _get_trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
         """Behind get_all_trials and Optuna's trial cache; see _QuietFallback."""
-        quiet = _quiet_fallback()
+        quiet = _filter_once(logging.getLogger("optuna.storages._rdb.storage"), _QuietFallback)
 
         def attempt() -> list[FrozenTrial]:
             quiet.inside.on = True
@@ -388,11 +388,11 @@ class ResilientRDBStorage(RDBStorage):
             if classify(e) is None:
                 raise
             try:
-                self._down(e)  # the outage is noted (and announced) all the same
+                self._outage.down(e)  # the outage is noted (and announced) all the same
             except StorageUnavailable:
                 pass  # the main thread ends the worker at its next storage call
             return
-        self._up()
+        self._outage.up()
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         stale = self._call(lambda: RDBStorage._get_stale_trial_ids(self, study_id))
@@ -590,7 +590,7 @@ def open_waiting(
 ) -> T:
     """`make()` (which opens a storage), tried again while the connection is lost, for up to
     `outage_grace_s`: for a process that re-opens a storage that already worked (a worker)."""
-    since: float | None = None
+    outage = _Outage(url, outage_grace_s, notify)
     pause = FIRST_PAUSE_S
     while True:
         try:
@@ -598,25 +598,9 @@ def open_waiting(
         except Exception as e:
             if classify(e) != "lost":
                 raise
-            now = time.monotonic()
-            reason = scrub(_reason(e), url)
-            if since is None:
-                since = now
-                notify(
-                    f"warning: storage {redact(url)} unreachable ({reason}); "
-                    f"retrying for up to {outage_grace_s:.0f} s"
-                )
-            if now - since >= outage_grace_s:
-                raise StorageUnavailable(
-                    f"storage {redact(url)} unreachable for {now - since:.0f} s ({reason}); "
-                    "rerun the same command to resume"
-                ) from e
-            time.sleep(min(outage_grace_s - (now - since), pause * random.uniform(0.75, 1.25)))
+            left = outage.down(e)
+            time.sleep(min(left, pause * random.uniform(0.75, 1.25)))
             pause = min(2 * pause, MAX_PAUSE_S)
             continue
-        if since is not None:
-            notify(
-                f"storage {redact(url)} reachable again after {time.monotonic() - since:.1f} s;"
-                " continuing"
-            )
+        outage.up()
         return storage

@@ -40,7 +40,6 @@ def resolve_url(flag: str | None, config_file: str | None = None) -> str:
 @dataclass(frozen=True)
 class ParsedUrl:
     kind: str  # "sqlite", "rdb", "journal" or "grpc"
-    url: str  # what Optuna gets
     path: Path | None  # the file, for sqlite and journal
 
 
@@ -64,10 +63,10 @@ def parse_url(url: str) -> ParsedUrl:
         path = path[2:] if path.startswith("//") else path
         if not path:
             raise StorageError(f"{bad}: give a file, e.g. journal:artifacts/study.log")
-        return ParsedUrl("journal", url, Path(path))
+        return ParsedUrl("journal", Path(path))
     if url.startswith("grpc:"):
         grpc_address(url)
-        return ParsedUrl("grpc", url, None)
+        return ParsedUrl("grpc", None)
     if url.startswith("sqlite:") and not url.startswith("sqlite:///"):
         raise StorageError(f"{bad}: SQLite URLs look like sqlite:///path/to/file.db")
     if "://" not in url:
@@ -77,7 +76,7 @@ def parse_url(url: str) -> ParsedUrl:
     if dialect == "sqlite":
         if driver or not rest.startswith("/") or rest == "/":
             raise StorageError(f"{bad}: SQLite URLs look like sqlite:///path/to/file.db")
-        return ParsedUrl("sqlite", url, Path(rest[1:]))
+        return ParsedUrl("sqlite", Path(rest[1:]))
     if dialect in ("postgres", "pgsql"):
         raise StorageError(f"{bad}: write postgresql://{rest.split('@')[-1]} (with 'postgresql')")
     if dialect == "postgresql":
@@ -92,7 +91,7 @@ def parse_url(url: str) -> ParsedUrl:
         raise StorageError(f"{bad}: unknown scheme {scheme!r}; use one of: {_FORMS}")
     if not rest.split("@")[-1].split("/")[0]:
         raise StorageError(f"{bad}: no host given")
-    return ParsedUrl("rdb", url, None)
+    return ParsedUrl("rdb", None)
 
 
 def grpc_address(url: str) -> tuple[str, int]:

@@ -24,9 +24,6 @@ import optuna
 from storage import get_storage, redact
 from study.config import ConfigError
 
-DEFAULT_HOST = "127.0.0.1"
-DASHBOARD_PORT = 8080
-
 
 class DashboardError(ConfigError):
     """The server cannot start as asked (port taken, bad address): a message for the user."""
@@ -106,8 +103,8 @@ def check_port(port: int) -> None:
 
 def serve(
     storage_url: str,
-    host: str = DEFAULT_HOST,
-    port: int = DASHBOARD_PORT,
+    host: str,
+    port: int,
     artifact_dir: str | None = None,
 ) -> int:
     """Serve optuna-dashboard for `storage_url` until Ctrl-C or SIGTERM; returns the exit code."""

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from objectives.batching import prepare_split
-from objectives.config import resolve_data_dir
 from objectives.data import IntentData, encode, load_data
 from objectives.device import compute_dtype, detect_device
 from objectives.evaluation import predict
@@ -67,15 +66,12 @@ def evaluation_data(
 ) -> tuple[str | None, bool]:
     """(data folder or None for the Hub, whether it is other data than the study's).
 
-    Not given: the study's own data (its recipe), else $BANKING77_DATA_DIR, else the Hub.
-    Given and different from the study's: allowed, and labelled as other data.
+    Not given: the study's own data (its recipe). Given and different from the study's:
+    allowed, and labelled as other data.
     """
-    recorded = made_with.get("data_source")
     if given is not None:
-        return given, recorded is not None and recipe.data_source(given) != recorded
-    if recorded is not None:
-        return recipe.recorded_data(made_with, study_name), False
-    return resolve_data_dir(None), False
+        return given, recipe.data_source(given) != made_with.get("data_source")
+    return recipe.recorded_data(made_with, study_name), False
 
 
 def recompute(restored: Restored, data: IntentData, split: str, device: torch.device) -> Recomputed:

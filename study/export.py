@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial
 from objectives.record import TrialRecord
 from objectives.weights import Restored, atomic_folder, export_model
 from study.restore import WinnersError, restore_trial, trial_summary
+from study.terminal import cell
 
 
 def export_trial(
@@ -57,9 +58,6 @@ def model_card(
     how = how if info.mode == "lora" else "full fine-tuning"
     merged = " merged into the base model" if info.mode == "lora" and not adapter else ""
 
-    def score(value: float | None) -> str:
-        return "-" if value is None else f"{value:.4f}"
-
     params = ", ".join(f"`{k}` = {v}" for k, v in trial.params.items())
     return f"""---
 base_model: {info.base_model}
@@ -76,8 +74,8 @@ Texts are truncated to {info.max_length} tokens, as in training.
 
 | split | macro-F1 | accuracy |
 | --- | --- | --- |
-| validation | {score(r.val_f1)} | {score(r.val_accuracy)} |
-| test | {score(r.test_f1)} | {score(r.test_accuracy)} |
+| validation | {cell(r.val_f1, ".4f")} | {cell(r.val_accuracy, ".4f")} |
+| test | {cell(r.test_f1, ".4f")} | {cell(r.test_accuracy, ".4f")} |
 
 ```python
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer

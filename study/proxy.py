@@ -38,10 +38,8 @@ def make_proxy_server(storage: optuna.storages.BaseStorage, host: str, port: int
     address = f"[{host.strip('[]')}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
-    except RuntimeError as e:  # grpcio raises where older releases returned 0
+    except RuntimeError as e:  # grpcio's answer to a port it cannot bind
         raise ProxyError(f"cannot serve the storage proxy on {address}: {e}") from None
-    if not bound:
-        raise ProxyError(f"cannot serve the storage proxy on {address}: address in use?")
     return server, bound
 
 

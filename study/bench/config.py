@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from objectives.config import FULL_FT_DEFAULTS, LORA_DEFAULTS, TrainConfig
+from objectives.config import TrainConfig
 from study.config import ConfigError, StudyConfig
 
 MODES = ("full", "lora")
-DEFAULT_BATCH = {"full": FULL_FT_DEFAULTS.batch_size, "lora": LORA_DEFAULTS.batch_size}
 
 
 @dataclass(frozen=True)
@@ -30,10 +29,6 @@ class BenchConfig:
     seed: int = 42
     max_length: int = 64
 
-    @property
-    def resolved_batch_size(self) -> int:
-        return self.batch_size or DEFAULT_BATCH[self.mode]
-
     def study_config(self) -> StudyConfig:
         """The study these settings describe (the study's defaults for everything else)."""
         return StudyConfig(
@@ -47,10 +42,9 @@ class BenchConfig:
         )
 
     def train_config(self) -> TrainConfig:
-        """The study's run configuration of this mode, at the bench's batch size."""
-        return replace(
-            self.study_config().train_config(self.mode), batch_size=self.resolved_batch_size
-        )
+        """The study's run configuration of this mode, at the bench's batch size if given."""
+        run = self.study_config().train_config(self.mode)
+        return replace(run, batch_size=self.batch_size) if self.batch_size else run
 
 
 def validate_bench(cfg: BenchConfig) -> BenchConfig:

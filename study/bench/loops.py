@@ -152,7 +152,7 @@ class BenchResult:
             "mode": self.cfg.mode,
             "device": self.device,
             "model": self.cfg.model,
-            "batch_size": self.cfg.resolved_batch_size,
+            "batch_size": self.cfg.train_config().batch_size,
             "train_samples": self.train_samples,
             "epochs": self.cfg.epochs,
             "repeats": self.cfg.repeats,
