@@ -8,9 +8,7 @@ Field names equal the Optuna parameter names, so a trial's params map onto a con
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 DATA_DIR_ENV = "BANKING77_DATA_DIR"  # a folder with Banking77's train.csv and test.csv
 
@@ -76,14 +74,8 @@ BASELINE_PARAMS = ("learning_rate", "lr_scheduler", "batch_size", "weight_decay"
 
 # The baseline study holds the fixed run, the yardstick every LoRA trial is compared with, and
 # (with `--sensitivity`) the same configuration at neighbouring learning rates, which only show
-# whether the yardstick sits near its own optimum. Each trial says which it is.
-ROLE_ATTR = "baseline_role"
+# whether the yardstick sits near its own optimum. Each trial says which it is
+# (`objectives.record.Attr.ROLE`).
 FIXED = "fixed"
 NEIGHBOUR = "neighbour"
-LR_FACTOR_ATTR = "lr_factor"  # the run's learning rate / the fixed run's
 SENSITIVITY_FACTORS = (1 / 3, 3.0)
-
-
-def is_neighbour(user_attrs: Mapping[str, Any]) -> bool:
-    """A sensitivity run of the baseline study."""
-    return user_attrs.get(ROLE_ATTR) == NEIGHBOUR

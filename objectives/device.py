@@ -70,9 +70,8 @@ def cuda_device_count() -> int:
 def detect_device(requested: str) -> torch.device:
     import torch
 
-    mps = getattr(torch.backends, "mps", None)
     return torch.device(
-        resolve_device(requested, cuda_device_count(), bool(mps and mps.is_available()))
+        resolve_device(requested, cuda_device_count(), torch.backends.mps.is_available())
     )
 
 

@@ -167,7 +167,6 @@ class Captured:
 
     step: GraphedTrainStep | None
     reason: str  # "on: N buckets captured" or "off: <why>", as trials record it
-    estimate_mb: float | None = None  # the graph memory the decision to capture was based on
 
 
 def activation_bytes(
@@ -284,7 +283,6 @@ def capture_train_step(
     graph_bytes, optimizer_bytes = estimate_graph_memory(
         model, [b.length for b in static], batch_size, dtype
     )
-    estimate_mb = round(graph_bytes / 2**20, 1)
     if free_bytes is None:
         free_bytes = free_device_bytes(device)
     if free_bytes is not None and not graphs_fit(graph_bytes, optimizer_bytes, free_bytes):
@@ -293,7 +291,6 @@ def capture_train_step(
             f"off: the graphs need about {graph_bytes / 2**30:.2f} GiB and the optimizer "
             f"{optimizer_bytes / 2**30:.2f} GiB, more than {MEMORY_HEADROOM:.0%} of the "
             f"{free_bytes / 2**30:.2f} GiB free",
-            estimate_mb,
         )
     steps = tuple(LossStep(model, parts, dtype) for _ in static)
     samples = tuple(_sample_batch(b, batch_size) for b in static)
@@ -306,9 +303,9 @@ def capture_train_step(
         del steps, samples
         release_memory(device)
         warnings.warn(f"CUDA graphs: {failure}; training eagerly", stacklevel=2)
-        return Captured(None, f"off: {failure}", estimate_mb)
+        return Captured(None, f"off: {failure}")
     step = GraphedTrainStep(static, graphed, batch_size)
-    return Captured(step, f"on: {len(static)} buckets captured", estimate_mb)
+    return Captured(step, f"on: {len(static)} buckets captured")
 
 
 def _try_capture(capture: Capture, steps: tuple, samples: tuple) -> tuple[Sequence, str | None]:

@@ -28,7 +28,7 @@ from objectives.model import build_model, count_params
 from objectives.occupancy import Occupancy
 from objectives.predictions import encode_labels
 from objectives.record import Attr
-from objectives.space import Space
+from objectives.space import ParamSpec, Space
 from objectives.train import (
     EpochResult,
     GraphMemoryError,
@@ -275,12 +275,8 @@ class BaselineObjective:
         cfg = replace(self.cfg, learning_rate=self.cfg.learning_rate * factor)
         for name in BASELINE_PARAMS:
             value = getattr(cfg, name)
-            if isinstance(value, str):
-                trial.suggest_categorical(name, [value])
-            elif isinstance(value, int):
-                trial.suggest_int(name, value, value)
-            else:
-                trial.suggest_float(name, value, value)
+            one = {"choices": (value,)} if isinstance(value, str) else {"low": value, "high": value}
+            ParamSpec(name, **one).suggest(trial)
         return run_trial(trial, cfg, self.ctx, prune=False)
 
 

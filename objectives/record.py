@@ -2,7 +2,8 @@
 
 The objective writes a trial's user attributes under the keys of `Attr`; every reader reads them
 back through `TrialRecord.from_trial()`, which turns missing, null, non-finite or odd values
-into `None` (a report shows an empty cell, never crashes on an odd trial). `ranked()` and
+into `None` (a table shows an empty cell). A study written by an older version, whose trials may
+lack attributes, is refused in one line before anything reads it (`study.recipe`). `ranked()` and
 `best_trials()` are the one rule for "the best trial" (docs/ARCHITECTURE.md, "objectives/").
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from objectives.config import LR_FACTOR_ATTR, NEIGHBOUR, ROLE_ATTR
+from objectives.config import NEIGHBOUR
 
 
 class Attr:
@@ -51,8 +52,8 @@ class Attr:
     FAIL_REASON = "fail_reason"  # FAIL trials: why, in one line
     ARTIFACT_ID = "artifact_id"  # kept weights in the artifact store
     # Baseline study only: "fixed" (the yardstick) or "neighbour", and its lr / the fixed lr.
-    ROLE = ROLE_ATTR
-    LR_FACTOR = LR_FACTOR_ATTR
+    ROLE = "baseline_role"
+    LR_FACTOR = "lr_factor"  # the run's learning rate / the fixed run's
     # `confirm` runs only: the configuration re-trained (its `seed` is the run's own seed).
     SOURCE_STUDY = "source_study"
     SOURCE_TRIAL = "source_trial"
@@ -126,7 +127,7 @@ class TrialRecord:
         attrs = trial.user_attrs
         values = {name: read(attrs.get(_KEYS.get(name, name))) for name, read in _READ.items()}
         # A COMPLETE trial's value is its objective; an unfinished one's the best it reported.
-        val_f1 = _objective_value(trial) if trial.state == TrialState.COMPLETE else None
+        val_f1 = as_float(trial.value) if trial.state == TrialState.COMPLETE else None
         train, setup = values["train_time_s"], values["setup_time_s"]
         return cls(
             study=study,
@@ -190,10 +191,9 @@ _READ = {
 _KEYS = {"role": Attr.ROLE, "num_labels": Attr.LABELS}
 
 
-def _objective_value(trial: FrozenTrial) -> float | None:
-    # Multi-objective values are not expected here; take the first one rather than crash.
-    values = trial.values
-    return as_float(values[0]) if values else None
+def is_neighbour(user_attrs: Mapping[str, Any]) -> bool:
+    """A sensitivity run of the baseline study."""
+    return user_attrs.get(Attr.ROLE) == NEIGHBOUR
 
 
 def to_records(

@@ -78,10 +78,6 @@ class Space:
     def suggest(self, trial: Any) -> dict[str, Any]:
         return {p.name: p.suggest(trial) for p in self.params}
 
-    @property
-    def names(self) -> list[str]:
-        return [p.name for p in self.params]
-
     def definition(self) -> str:
         """Canonical JSON of the space: two studies may share trials only if these are equal."""
         return json.dumps({p.name: p.as_dict() for p in self.params}, sort_keys=True)

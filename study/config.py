@@ -186,8 +186,3 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     if cfg.progress is None:
         cfg = replace(cfg, progress=sys.stderr.isatty())
     return cfg
-
-
-def make_config(cli: dict[str, Any]) -> StudyConfig:
-    """Defaults and the given flags (no config file, no study recipe: see `study.cli`)."""
-    return validate(replace(StudyConfig(), **given_values(cli)))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from objectives.config import DATA_DIR_ENV, resolve_data_dir
+from objectives.device import compute_dtype, cuda_device_count, detect_device, sync_device
 from study.bench.command import log
 from study.config import DEVICE_HELP, ConfigError, device_arg
 
@@ -141,11 +142,10 @@ def device_memory(device: torch.device) -> dict[str, float]:
     CUDA, allocated (and the driver's total) on MPS, the process's resident set on CPUs."""
     import torch
 
+    sync_device(device)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         used = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
     elif device.type == "mps":
-        torch.mps.synchronize()
         used = torch.mps.current_allocated_memory(), torch.mps.driver_allocated_memory()
     else:
         from study.bench.memory import rss_mb
@@ -209,7 +209,6 @@ def environment(device: torch.device, plan: Plan) -> dict[str, Any]:
     import torch
     import transformers
 
-    from objectives.device import compute_dtype, cuda_device_count
     from study.bench.hardware import hardware
 
     dtype = compute_dtype(device, True)
@@ -471,8 +470,6 @@ def overall_verdict(found: dict[str, Any], device: str) -> str:
 
 
 def run_check(args: argparse.Namespace) -> dict[str, Any]:
-    from objectives.device import detect_device
-
     started = time.perf_counter()
     device = detect_device(args.device)
     tiny = args.tiny or device.type == "cpu"
@@ -530,8 +527,6 @@ def pinned_gpu_env(index: int, count: int, env: dict[str, str]) -> dict[str, str
 
 
 def device_check_command(args: argparse.Namespace) -> int:
-    from objectives.device import cuda_device_count, detect_device
-
     if args.study_trials is not None and args.study_trials < 1:
         raise ConfigError("--study-trials must be at least 1")
     device, count = detect_device(args.device), cuda_device_count()

@@ -18,21 +18,14 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from objectives.config import (
-    FIXED,
-    LR_FACTOR_ATTR,
-    NEIGHBOUR,
-    ROLE_ATTR,
-    SENSITIVITY_FACTORS,
-    is_neighbour,
-)
+from objectives.config import FIXED, NEIGHBOUR, SENSITIVITY_FACTORS
 from objectives.device import cuda_device_count, detect_device, worker_device
 from objectives.objective import (
     TRIAL_FAILURES,
     BaselineObjective,
     LoraObjective,
 )
-from objectives.record import Attr
+from objectives.record import Attr, is_neighbour
 from storage import EXIT_UNAVAILABLE, get_storage, unavailable_in
 from storage.artifacts import artifact_dir
 from study import recipe
@@ -214,15 +207,15 @@ def _missing_runs(
                 file=sys.stderr,
             )
         else:
-            queue.append({ROLE_ATTR: FIXED, LR_FACTOR_ATTR: 1.0})
+            queue.append({Attr.ROLE: FIXED, Attr.LR_FACTOR: 1.0})
     if sensitivity:
         present = {
-            round(float(t.user_attrs.get(LR_FACTOR_ATTR, 0.0)), 6)
+            round(float(t.user_attrs.get(Attr.LR_FACTOR, 0.0)), 6)
             for t in trials
             if is_neighbour(t.user_attrs) and t.state in active
         }
         queue += [
-            {ROLE_ATTR: NEIGHBOUR, LR_FACTOR_ATTR: f}
+            {Attr.ROLE: NEIGHBOUR, Attr.LR_FACTOR: f}
             for f in SENSITIVITY_FACTORS
             if round(f, 6) not in present
         ]

@@ -32,7 +32,7 @@ def test_suggest_stays_in_bounds_and_names_match_config_fields() -> None:
 
     from objectives.config import TrainConfig
 
-    assert set(EXTENDED_SPACE.names) <= {f.name for f in fields(TrainConfig)}
+    assert {p.name for p in EXTENDED_SPACE.params} <= {f.name for f in fields(TrainConfig)}
 
 
 def test_toml_overrides_some_parameters(tmp_path: Path) -> None:
@@ -49,7 +49,7 @@ def test_toml_overrides_some_parameters(tmp_path: Path) -> None:
 def test_toml_can_extend_the_extended_space(tmp_path: Path) -> None:
     f = tmp_path / "space.toml"
     f.write_text('extends = "extended"\n[batch_size]\nchoices = [32]\n')
-    assert "use_dora" in load_space(f).names
+    assert "use_dora" in {p.name for p in load_space(f).params}
 
 
 @pytest.mark.parametrize(
