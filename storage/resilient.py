@@ -274,8 +274,6 @@ class ResilientRDBStorage(RDBStorage):
         notify: Callable[[str], None] = _to_stderr,
         **kwargs: Any,
     ) -> None:
-        self.outage_grace_s = outage_grace_s
-        self.notify = notify
         self._spent = _Spent()
         super().__init__(url, engine_kwargs, **kwargs)
         self._outage = _Outage(self.url, outage_grace_s, notify)
@@ -285,11 +283,13 @@ class ResilientRDBStorage(RDBStorage):
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
         # locks do not pickle; a copy starts without an outage and with no receipts to delete
-        del state["_outage"], state["_spent"]
+        outage = state.pop("_outage")
+        state["_outage"] = (outage.grace_s, outage.notify)
+        del state["_spent"]
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
-        state["_outage"] = _Outage(state["url"], state["outage_grace_s"], state["notify"])
+        state["_outage"] = _Outage(state["url"], *state["_outage"])
         state["_spent"] = _Spent()
         super().__setstate__(state)
         _quiet_reset(self.engine)
