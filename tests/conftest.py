@@ -12,7 +12,7 @@ import random
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -129,6 +129,44 @@ def import_or_require(module: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as e:
         require(f"cannot import {module} ({e}); pip install -r requirements.txt")
+
+
+DATABASE_MODULES = ("test_outage.py", "test_passwords.py", "test_workers.py")  # all their tests
+SERVER_KINDS = ("postgresql", "mariadb")
+
+
+def on_database_servers(nodeid: str) -> bool:
+    """Whether the test `nodeid` takes `databases_one_at_a_time`: every test of
+    `DATABASE_MODULES` (their `pytestmark`), and the storage contract on a server."""
+    path, _, name = nodeid.partition("::")
+    module = path.rsplit("/", 1)[-1]
+    on_server = any(f"[{kind}-" in name for kind in SERVER_KINDS)
+    return module in DATABASE_MODULES or (module == "test_storage_contract.py" and on_server)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`on_database_servers` must name exactly the tests that take the lock."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        server = callspec is not None and callspec.params.get("storage", ("",))[0] in SERVER_KINDS
+        takes_lock = "databases_one_at_a_time" in item.fixturenames or server
+        if takes_lock != on_database_servers(item.nodeid):
+            raise pytest.UsageError(f"{item.nodeid}: update on_database_servers in conftest.py")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist's load scheduling, except that the tests on the database servers are one
+    unit of work, given to one process first: it runs them one after another while the other
+    processes run the rest, instead of a process waiting idle on the lock while another runs a
+    database test. (The `xdist_group` mark does the same, but its `--dist loadgroup` renames
+    test ids in a way pytest 9 ignores.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class DatabasesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "databases" if on_database_servers(nodeid) else nodeid
+
+    return DatabasesTogether(config, log)
 
 
 @pytest.fixture
