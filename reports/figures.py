@@ -20,7 +20,6 @@ from reports.tables import (
     CostKey,
     best_record,
     best_so_far,
-    check_cost,
     cost_of,
     pareto_candidates,
     pareto_front,
@@ -143,7 +142,6 @@ def pareto_figure_from_records(records: Sequence[TrialRecord], cost: CostKey) ->
     """F1 against `cost` for every trial with both values, the front highlighted as a staircase,
     the baseline as a star with a horizontal line at its F1. Always a figure: the dashboard
     stores it unchecked, so without data it carries a note."""
-    cost = check_cost(cost)
     front = pareto_front(records, cost)
     on_front = {(r.study, r.number) for r in front}
     candidates = pareto_candidates(records, cost)

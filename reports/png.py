@@ -22,13 +22,7 @@ DASHES = {"dash": "--", "dot": ":"}
 
 
 def save(fig: go.Figure, path: Path) -> Path:
-    """`fig` as a PNG file at `path`."""
-    static_figure(fig).savefig(path, dpi=DPI, bbox_inches="tight")
-    return path
-
-
-def static_figure(fig: go.Figure) -> Figure:
-    """The matplotlib twin of a plotly figure of `reports.figures`."""
+    """The matplotlib twin of `fig`, a plotly figure of `reports.figures`, as a PNG at `path`."""
     layout = fig.layout
     out = Figure(
         figsize=((layout.width or 800) / PX_PER_INCH, (layout.height or 500) / PX_PER_INCH)
@@ -51,7 +45,8 @@ def static_figure(fig: go.Figure) -> Figure:
         if note.xref == "paper":  # a message in place of data
             ax.text(note.x, note.y, note.text, ha="center", transform=ax.transAxes)
     _axes(ax, layout, ticks)
-    return out
+    out.savefig(path, dpi=DPI, bbox_inches="tight")
+    return path
 
 
 def _categories(fig: go.Figure) -> dict[str, int]:

@@ -85,10 +85,11 @@ def html_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str
 
 @dataclass(frozen=True)
 class Section:
-    """One figure of the report: its PNG file name, or the reason it could not be drawn."""
+    """One figure of the report: its PNG file name, and the figure or the reason it could not be
+    drawn."""
 
     title: str
-    png: str | None
+    png: str
     figure: go.Figure | None
     note: str | None = None
 
@@ -144,7 +145,7 @@ def report_markdown(content: ReportContent) -> str:
     out.append(markdown_table(IMPORTANCE_COLUMNS, importance_rows(content.importance)))
     out.append("## Figures\n")
     for section in content.sections:
-        if section.png:
+        if section.figure is not None:
             out.append(f"![{section.title}]({section.png})\n")
         else:
             out.append(f"- {section.title}: {section.note}")

@@ -70,24 +70,13 @@ class Fairness:
     best_lora: TrialRecord | None
 
     @property
-    def checked(self) -> bool:
-        return self.fixed is not None and bool(self.neighbours)
-
-    @property
-    def best_of_three(self) -> TrialRecord | None:
-        """The fixed run and its neighbours: the best by validation F1 (the fixed one on ties)."""
-        runs = [r for r in (self.fixed, *self.neighbours) if r is not None and r.val_f1 is not None]
-        return max(runs, key=lambda r: (r.val_f1, r is self.fixed)) if runs else None
-
-    @property
     def beaten_by(self) -> TrialRecord | None:
         """The best neighbour, when it beats the fixed run by more than the noise."""
-        if not self.checked or self.fixed is None or self.fixed.val_f1 is None:
+        if self.fixed is None or not self.neighbours:
             return None
-        best = self.best_of_three
-        if best is None or best is self.fixed or best.val_f1 is None:
-            return None
-        return best if best.val_f1 - self.fixed.val_f1 > self.noise.margin else None
+        best = max(self.neighbours, key=lambda r: r.val_f1)
+        ahead = best.val_f1 - self.fixed.val_f1  # type: ignore[operator]
+        return best if ahead > self.noise.margin else None
 
 
 def fairness(

@@ -53,18 +53,8 @@ from reports.tables import (
     trial_records,
 )
 
-FRONT_FILES: dict[CostKey, str] = {
-    "trainable_params": "pareto_params",
-    "wait_time_s": "pareto_time",
-}
+FRONT_FILES: dict[CostKey, str] = {cost: f"pareto_{axis}" for cost, axis in FRONT_AXES.items()}
 FRONT_TITLES = {cost: f"Pareto front: {name}" for cost, name in FRONT_NAMES.items()}
-# Every PNG this module may write; ones not produced this time are removed so that a re-run into
-# the same folder never leaves, say, a confusion matrix from an older run beside new files.
-PNG_FILES = (
-    *(f"{FRONT_FILES[cost]}.png" for cost in COST_KEYS),
-    *("importance.png", "history.png", "intermediate.png", "per_class_f1.png"),
-    *("confusion_lora.png", "confusion_baseline.png"),
-)
 
 
 def _states_text(trials: Sequence[FrozenTrial]) -> str:
@@ -126,7 +116,7 @@ def _roles(record: TrialRecord, comparison: Comparison) -> str:
 def _section(title: str, png: str, ready: bool, note: str, draw: Callable[[], Any]) -> Section:
     """A figure's section: drawn when there is something to show, else a note saying why not."""
     if not ready:
-        return Section(title, None, None, note=f"Not drawn: {note}")
+        return Section(title, png, None, note=f"Not drawn: {note}")
     return Section(title, png, draw())
 
 
@@ -245,15 +235,14 @@ def write_tables(
 
 
 def _write_pngs(out: Path, sections: Sequence[Section]) -> list[Path]:
-    """The static figures; a PNG an earlier report wrote that this one has not is removed."""
+    """The drawn figures' PNGs. The PNG of a figure not drawn this time is removed, so that a
+    re-run into the same folder never leaves, say, an older confusion matrix beside new files."""
     from reports import png
 
-    written = [png.save(s.figure, out / s.png) for s in sections if s.png and s.figure is not None]
-    produced = {p.name for p in written}
-    for name in PNG_FILES:
-        if name not in produced:
-            (out / name).unlink(missing_ok=True)
-    return written
+    for s in sections:
+        if s.figure is None:
+            (out / s.png).unlink(missing_ok=True)
+    return [png.save(s.figure, out / s.png) for s in sections if s.figure is not None]
 
 
 def study_records(study: optuna.Study, baseline: optuna.Study | None) -> list[TrialRecord]:
