@@ -274,12 +274,7 @@ def capture_train_step(
             return Captured(None, f"off: {reason}")
         capture = _make_graphed_callables
     assert parts is not None
-    static = [
-        static_bucket(b.input_ids, b.attention_mask, b.labels) for b in buckets if len(b.labels)
-    ]
-    if len(static) != len(buckets):
-        # an empty bucket would shift the bucket numbers; prepare never makes one
-        return Captured(None, "off: an empty length bucket")
+    static = [static_bucket(b.input_ids, b.attention_mask, b.labels) for b in buckets]
     graph_bytes, optimizer_bytes = estimate_graph_memory(
         model, [b.length for b in static], batch_size, dtype
     )

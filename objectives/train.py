@@ -34,10 +34,10 @@ from objectives.batching import (
 from objectives.config import TrainConfig
 from objectives.device import StepPeakMemory, compute_dtype, sync_device
 from objectives.embedding_rows import UsedRows
-from objectives.evaluation import evaluate, make_forward, predict
+from objectives.evaluation import evaluate, make_forward
 from objectives.fastbert import BertParts, DropFn, MaskSource, bert_parts, torch_dropout
 from objectives.graphs import Captured, GraphedTrainStep, capture_train_step
-from objectives.metrics import accuracy, confusion_matrix, macro_f1
+from objectives.metrics import confusion_matrix
 
 NAN_CHECK_EVERY = 32  # steps between finiteness checks: each one is a host sync on a GPU
 
@@ -89,10 +89,6 @@ class TrainResult:
     train_time_s: float  # the epochs' training, evaluation excluded
     peak_mem_mb: float
     setup: RunSetup
-
-    @property
-    def setup_time_s(self) -> float:
-        return self.setup.setup_time_s
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -224,7 +220,11 @@ def _set_up(
     train_split = full_batches(data.train, cfg.batch_size)
     steps_per_epoch = sum(math.ceil(len(b.labels) / cfg.batch_size) for b in train_split.buckets)
     parts = bert_parts(model)
-    captured = _capture(model, parts, train_split, cfg, dtype, device, eager_reason)
+    captured = (
+        Captured(None, f"off: {eager_reason}")
+        if eager_reason is not None
+        else capture_train_step(model, parts, train_split.buckets, cfg.batch_size, dtype, device)
+    )
     vocab = used_rows(model, parts, data) if captured.step is None else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     if vocab is not None:
@@ -240,20 +240,6 @@ def _set_up(
         model, cfg, data, train_split, steps_per_epoch, gen, dtype, scaler, forward,
         captured.step, vocab, trainable, optimizer, scheduler, memory, t_setup, setup,
     )  # fmt: skip
-
-
-def _capture(
-    model: nn.Module,
-    parts: BertParts | None,
-    train_split: PreparedSplit,
-    cfg: TrainConfig,
-    dtype: torch.dtype,
-    device: torch.device,
-    eager_reason: str | None,
-) -> Captured:
-    if eager_reason is not None:
-        return Captured(None, f"off: {eager_reason}")
-    return capture_train_step(model, parts, train_split.buckets, cfg.batch_size, dtype, device)
 
 
 def _train_epoch(run: _Run, epoch: int) -> torch.Tensor:
@@ -328,14 +314,14 @@ def _test_result(
     """The best epoch's weights back in the model, measured on the test split."""
     run.model.load_state_dict(best_state, strict=False)
     data = run.data
-    test_preds = predict(run.model, data.test, run.dtype)
+    test = evaluate(run.model, data.test, data.num_labels, run.dtype)
     return TrainResult(
         history=history,
         val_f1=best.val_f1,
-        test_f1=macro_f1(data.test.labels, test_preds, data.num_labels),
-        test_accuracy=accuracy(data.test.labels, test_preds),
-        test_confusion=confusion_matrix(data.test.labels, test_preds, data.num_labels),
-        test_predictions=test_preds,
+        test_f1=test.f1,
+        test_accuracy=test.accuracy,
+        test_confusion=confusion_matrix(data.test.labels, test.predictions, data.num_labels),
+        test_predictions=test.predictions,
         train_time_s=run.train_time,
         peak_mem_mb=run.memory.peak_mb(),
         setup=run.setup,

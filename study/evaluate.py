@@ -17,16 +17,13 @@ import torch
 from objectives.batching import prepare_split
 from objectives.data import IntentData, encode, load_data
 from objectives.device import compute_dtype, detect_device
-from objectives.evaluation import predict
-from objectives.metrics import accuracy, confusion_matrix, macro_f1, per_class
+from objectives.evaluation import evaluate
+from objectives.metrics import confusion_matrix, per_class
 from objectives.record import TrialRecord
 from objectives.weights import Restored, atomic_folder
 from study import recipe
 from study.keeper import heldout_fingerprint
 from study.restore import WinnersError, restore_trial, trial_summary
-
-SPLITS = ("val", "test")
-OUTPUTS = ("metrics.json", "per_class_f1.csv", "confusion_matrix.png")
 
 
 @dataclass(frozen=True)
@@ -76,20 +73,18 @@ def evaluation_data(
 
 def recompute(restored: Restored, data: IntentData, split: str, device: torch.device) -> Recomputed:
     """Predict `split` with the restored model and measure it as training measured it."""
-    if split not in SPLITS:
-        raise WinnersError(f"--split must be one of {', '.join(SPLITS)}")
     info = restored.info
     encoded = encode(data, restored.tokenizer, info.max_length)
     prepared = prepare_split(getattr(encoded, split), encoded.pad_token_id, device)
     dtype = compute_dtype(device, info.mixed_precision)
-    preds = predict(restored.model.to(device), prepared, dtype)
     n = len(info.labels)
+    measured = evaluate(restored.model.to(device), prepared, n, dtype)
     return Recomputed(
         split=split,
         labels=info.labels,
-        f1=macro_f1(prepared.labels, preds, n),
-        accuracy=accuracy(prepared.labels, preds),
-        confusion=confusion_matrix(prepared.labels, preds, n),
+        f1=measured.f1,
+        accuracy=measured.accuracy,
+        confusion=confusion_matrix(prepared.labels, measured.predictions, n),
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
     )
@@ -141,7 +136,7 @@ def write_evaluation(folder: Path, result: Recomputed, doc: dict[str, Any], titl
     rows = per_class_rows(result)
     write_csv(folder / "per_class_f1.csv", list(rows[0]), rows)
     figure = confusion_figure(Confusion(list(result.labels), result.confusion), title)
-    save(figure, folder / OUTPUTS[2])
+    save(figure, folder / "confusion_matrix.png")
 
 
 def evaluate_trial(

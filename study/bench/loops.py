@@ -108,7 +108,7 @@ def _run(w: Workload, loop: str, seed: int) -> Run:
         with BlockPeakMemory(w.device) as mem:
             if loop == "ours":
                 result = train(model, cfg, w.data)
-                setup, seconds = result.setup_time_s, result.train_time_s
+                setup, seconds = result.setup.setup_time_s, result.train_time_s
                 f1, graphs = result.history[-1].val_f1, result.setup.graphs
             else:
                 ref = train_reference(model, cfg, w.encoded.train, w.tokenizer, w.device)
