@@ -21,6 +21,7 @@ from storage import (
     EXIT_UNAVAILABLE,
     OUTAGE_GRACE_S,
     STORAGE_ENV,
+    get_storage,
     parse_url,
     redact,
     resolve_url,
@@ -29,6 +30,7 @@ from study import recipe
 from study.bench.command import add_bench_command
 from study.config import (
     BASELINE_SUFFIX,
+    CONFIRM_SUFFIX,
     DEVICE_HELP,
     KEEP_POLICIES,
     PRUNERS,
@@ -391,7 +393,6 @@ def _baseline(args: argparse.Namespace) -> int:
 
 def _load_trials(url: str, name: str) -> list[FrozenTrial]:
     """The trials of study `name` in `url`, or none when it does not exist."""
-    from storage import get_storage
     from study.studies import study_or_none
 
     study = study_or_none(get_storage(url, None, create=False), name)
@@ -409,7 +410,6 @@ def _print_comparison(
     from reports.comparison import compare
     from reports.sensitivity import baseline_seed_f1s
     from reports.tables import trial_records
-    from study.config import CONFIRM_SUFFIX
     from study.terminal import format_checks, format_table
 
     records = trial_records(lora, cfg.study_name, baseline, cfg.baseline_name)
@@ -439,14 +439,12 @@ def _confirm(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from storage import get_storage
     from study.studies import load_studies, study_or_none
 
     _settle(args)
     storage = get_storage(args.storage, create=False)
     study, baseline = load_studies(storage, args.study_name)
     from reports.write import write_reports
-    from study.config import CONFIRM_SUFFIX
 
     confirm = study_or_none(storage, args.study_name + CONFIRM_SUFFIX)
     out = Path(args.out or f"artifacts/reports/{args.study_name}")
@@ -456,7 +454,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _studies(args: argparse.Namespace) -> int:
-    from storage import get_storage
     from study.studies import list_studies
 
     _settle(args)

@@ -5,7 +5,7 @@ A flag given with another value than the recipe's is refused where it would chan
 trials measure (`FIXED_FLAGS`), and accepted where a new value is legitimate (seed, sampler,
 pruner, artifact store: how the search goes on, not what it measures). A study with finished
 trials but no recipe was made by an older version, whose trials lack attributes this one reads;
-it is refused with one line (`older_version`).
+it is refused with one line.
 """
 
 from __future__ import annotations
@@ -53,24 +53,21 @@ def data_source(data_dir: str | None) -> str:
     return str(Path(data_dir).resolve()) if data_dir else HUB_PREFIX + HUB_DATASET
 
 
-def make_recipe(
-    cfg: Any,  # study.config.StudyConfig
-    data_fingerprint: str,
-    model_fingerprint: str | None,
-    space_definition: str | None,
-    artifact_dir: Path | None,
-) -> dict[str, Any]:
-    """The user attributes a new study stores (None values are left out)."""
+def make_recipe(cfg: Any, prep: Any, with_space: bool) -> dict[str, Any]:
+    """The user attributes a new study stores (None values are left out), from its
+    `study.config.StudyConfig` and what `study.prepare.prepare_run` built."""
+    from storage.artifacts import artifact_dir
+
     recipe: dict[str, Any] = {key: getattr(cfg, key) for key in PLAIN}
     recipe.update(
-        model_fingerprint=model_fingerprint,
+        model_fingerprint=prep.model_fingerprint,
         data_source=data_source(cfg.resolved_data_dir),
-        data_fingerprint=data_fingerprint,
-        artifact_dir=str(artifact_dir.resolve()) if artifact_dir is not None else None,
+        data_fingerprint=prep.ctx.data_fingerprint,
+        artifact_dir=str(artifact_dir(cfg.artifact_dir, cfg.storage).resolve()),
         version=version(),
     )
-    if space_definition is not None:
-        recipe["space"] = space_definition
+    if with_space:
+        recipe["space"] = prep.space.definition()
         recipe.update({key: getattr(cfg, key) for key in SEARCH})
     return {k: v for k, v in recipe.items() if v is not None}
 
@@ -89,15 +86,12 @@ def read(study: optuna.Study) -> dict[str, Any]:
     recipe = dict(study.user_attrs)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     if "version" not in recipe and study.get_trials(deepcopy=False, states=finished):
-        raise ConfigError(older_version(study.study_name))
+        raise ConfigError(
+            f"study {study.study_name!r} was made by an older version of this project, whose "
+            "trials lack attributes this version reads; start a new study with another "
+            "--study-name"
+        )
     return recipe
-
-
-def older_version(study_name: str) -> str:
-    return (
-        f"study {study_name!r} was made by an older version of this project, whose trials lack "
-        "attributes this version reads; start a new study with another --study-name"
-    )
 
 
 def load(storage_url: str, study_name: str) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from objectives.objective import (
 )
 from objectives.record import Attr, is_neighbour
 from storage import EXIT_UNAVAILABLE, get_storage, unavailable_in
-from storage.artifacts import artifact_dir
 from study import recipe
 from study.config import ConfigError, StudyConfig
 from study.keeper import keeping_weights
@@ -85,17 +84,6 @@ def study_identity(cfg: StudyConfig, prep: Prepared, with_space: bool) -> dict[s
     return ident
 
 
-def study_recipe(cfg: StudyConfig, prep: Prepared, with_space: bool) -> dict[str, Any]:
-    """How the study was made (`study.recipe`), stored when it is created."""
-    return recipe.make_recipe(
-        cfg,
-        prep.ctx.data_fingerprint,
-        prep.model_fingerprint,
-        prep.space.definition() if with_space else None,
-        artifact_dir(cfg.artifact_dir, cfg.storage),
-    )
-
-
 def open_study(
     storage: optuna.storages.BaseStorage,
     name: str,
@@ -107,10 +95,10 @@ def open_study(
     recipe_changes: dict[str, Any] | None = None,
 ) -> optuna.Study:
     """Load study `name` if it exists (refusing one made differently, `study_identity`), else
-    create it; either way it remembers its recipe (`study_recipe` with `recipe_changes`, a None
-    value leaving its key out; keys it already has are kept)."""
+    create it; either way it remembers its recipe (`recipe.make_recipe` with `recipe_changes`, a
+    None value leaving its key out; keys it already has are kept)."""
     identity = study_identity(cfg, prep, with_space)
-    made = {**study_recipe(cfg, prep, with_space), **(recipe_changes or {})}
+    made = {**recipe.make_recipe(cfg, prep, with_space), **(recipe_changes or {})}
     made_with = {key: value for key, value in made.items() if value is not None}
     try:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
@@ -125,10 +113,7 @@ def open_study(
         )
         if "model" not in study.user_attrs:
             study.set_metric_names([OBJECTIVE_NAME])
-            for key, value in identity.items():
-                study.set_user_attr(key, value)
-            recipe.remember(study, made_with)
-            return study
+            recipe.remember(study, identity)  # a study another worker made now is checked
     check_identity(name, study, identity)
     recipe.remember(study, made_with)
     return study
