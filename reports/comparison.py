@@ -132,17 +132,15 @@ def _test_noise(
     title = "Is the difference real on this test set?"
     if best is None or base is None:
         return Check(title, "test-noise", ["Not computed: no best LoRA trial and baseline pair."])
-    chosen: dict[int, tuple[TrialRecord, list[str]]] = {best.number: (best, ["best LoRA"])}
-    for cost, front in fronts.items():
-        for r in front:
-            if not r.baseline:
-                chosen.setdefault(r.number, (r, []))[1].append(f"front: {FRONT_AXES[cost]}")
+    chosen = {best.number: best}  # then the LoRA points of the fronts, in their order
+    for front in fronts.values():
+        chosen.update({r.number: r for r in front if not r.baseline and r.number not in chosen})
     against = [(base, "the baseline")]
     if check.beaten_by is not None:
         beaten = check.beaten_by
         against.append((beaten, f"the baseline at {factor_text(beaten.lr_factor)}"))
     lines, rows, missing = [], [], []
-    for record, reasons in chosen.values():
+    for record in chosen.values():
         mine = predictions_of(record)
         for other, other_name in against if record is best else against[:1]:
             theirs = predictions_of(other)
@@ -150,7 +148,7 @@ def _test_noise(
             if test is None:
                 missing.append(f"{record.label} vs {other.label}")
                 continue
-            rows.append(noise_row(record.label, ", ".join(reasons), other.label, test))
+            rows.append(noise_row(record.label, roles(record, best, fronts), other.label, test))
             if record is best:
                 who = f"the best LoRA trial ({record.label})"
                 lines.append(verdict_line(test, who, other_name, "LoRA", other.label))
@@ -165,6 +163,26 @@ def _test_noise(
 
 
 # ----------------------------------------------------------------------------- the report
+
+
+def roles(
+    record: TrialRecord,
+    best: TrialRecord | None,
+    fronts: Mapping[CostKey, Sequence[TrialRecord]],
+) -> str:
+    """What `record` is in the comparison: baseline or neighbour, best LoRA, on which fronts."""
+    key = (record.study, record.number)
+    out = []
+    if record.neighbour:
+        out.append(f"baseline neighbour ({factor_text(record.lr_factor)})")
+    elif record.baseline:
+        out.append("baseline (full FT)")
+    if best is not None and key == (best.study, best.number):
+        out.append("best LoRA")
+    for cost, front in fronts.items():
+        if any((r.study, r.number) == key for r in front):
+            out.append(f"front: {FRONT_AXES[cost]}")
+    return ", ".join(out)
 
 
 def _pct(value: float) -> str:

@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial
 
 from objectives.record import TrialRecord, count_states
 from objectives.space import stored_space
-from reports.comparison import Comparison, compare, findings_lines, timing_notes
+from reports.comparison import Comparison, compare, findings_lines, roles, timing_notes
 from reports.confirm import (
     CONFIRM_COLUMNS,
     confirm_rows,
@@ -35,7 +35,7 @@ from reports.render import (
     report_markdown,
     write_csv,
 )
-from reports.sensitivity import baseline_seed_f1s, factor_text
+from reports.sensitivity import baseline_seed_f1s
 from reports.tables import (
     COST_KEYS,
     FRONT_AXES,
@@ -95,22 +95,6 @@ def _study_notes(
         why = f" Reasons: {'; '.join(reasons[:5])}." if reasons else ""
         notes.append(f"{len(failed)} trial(s) FAILED and are left out of every statistic.{why}")
     return notes
-
-
-def _roles(record: TrialRecord, comparison: Comparison) -> str:
-    key = (record.study, record.number)
-    roles = []
-    if record.neighbour:
-        roles.append(f"baseline neighbour ({factor_text(record.lr_factor)})")
-    elif record.baseline:
-        roles.append("baseline (full FT)")
-    best = comparison.best_lora
-    if best is not None and key == (best.study, best.number):
-        roles.append("best LoRA")
-    for cost, front in comparison.fronts.items():
-        if any((r.study, r.number) == key for r in front):
-            roles.append(f"front: {FRONT_AXES[cost]}")
-    return ", ".join(roles)
 
 
 def _section(title: str, png: str, ready: bool, note: str, draw: Callable[[], Any]) -> Section:
@@ -325,7 +309,8 @@ def write_reports(
         notes=notes,
         summary_columns=["role", *summary_columns(records)],
         summary_rows=[
-            {"role": _roles(r, comparison), **summary_row(r, names)} for r in best_first(records)
+            {"role": roles(r, comparison.best_lora, comparison.fronts), **summary_row(r, names)}
+            for r in best_first(records)
         ],
         pareto=pareto_tables,
         importance=importance,
