@@ -13,13 +13,17 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
 
 import study as package
-from study.config import ConfigError
+from storage.artifacts import artifact_dir
+from study.config import ConfigError, StudyConfig
+
+if TYPE_CHECKING:
+    from study.prepare import Prepared
 
 HUB_PREFIX = "hub:"
 # StudyConfig fields kept in the recipe under the same name.
@@ -53,11 +57,8 @@ def data_source(data_dir: str | None) -> str:
     return str(Path(data_dir).resolve()) if data_dir else HUB_PREFIX + HUB_DATASET
 
 
-def make_recipe(cfg: Any, prep: Any, with_space: bool) -> dict[str, Any]:
-    """The user attributes a new study stores (None values are left out), from its
-    `study.config.StudyConfig` and what `study.prepare.prepare_run` built."""
-    from storage.artifacts import artifact_dir
-
+def make_recipe(cfg: StudyConfig, prep: Prepared, with_space: bool) -> dict[str, Any]:
+    """The user attributes a new study stores (None values are left out)."""
     recipe: dict[str, Any] = {key: getattr(cfg, key) for key in PLAIN}
     recipe.update(
         model_fingerprint=prep.model_fingerprint,

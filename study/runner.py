@@ -113,7 +113,8 @@ def open_study(
         )
         if "model" not in study.user_attrs:
             study.set_metric_names([OBJECTIVE_NAME])
-            recipe.remember(study, identity)  # a study another worker made now is checked
+            # keys another worker stored first are kept, and then checked like any study's
+            recipe.remember(study, identity)
     check_identity(name, study, identity)
     recipe.remember(study, made_with)
     return study
